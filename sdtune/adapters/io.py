@@ -1,0 +1,93 @@
+"""Saving and loading adapters as diffusers-loadable safetensors with sdtune metadata.
+
+The file is the one `StableDiffusionPipeline.load_lora_weights` reads (`unet.*` and
+`text_encoder.*` keys). Its header carries diffusers' adapter metadata (so rank *and* alpha
+survive a reload) plus sdtune's own keys: family, base model, rank, alpha, targets, trigger
+word, resolution and the resolved training config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sdtune import __version__
+from sdtune.errors import SdtuneError
+
+ADAPTER_FILE_NAME = "pytorch_lora_weights.safetensors"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+METADATA_PREFIX = "sdtune."
+
+
+def collect_lora_state_dict(unet, text_encoder=None) -> dict[str, torch.Tensor]:
+    """The trained LoRA tensors under the key names diffusers' loader expects."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = {}
+    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is None:
+            continue
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        state.update(
+            {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in layers.items()}
+        )
+    return state
+
+
+def _peft_metadata(model) -> dict:
+    config = model.peft_config["default"].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+
+
+def save_adapter(
+    folder: str | Path,
+    unet,
+    text_encoder=None,
+    info: dict[str, object] | None = None,
+    file_name: str = ADAPTER_FILE_NAME,
+) -> Path:
+    """Write the adapter of `unet` (and `text_encoder`) to `folder/file_name`, atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = collect_lora_state_dict(unet, text_encoder)
+    diffusers_meta = {"unet": _peft_metadata(unet)}
+    if text_encoder is not None:
+        diffusers_meta["text_encoder"] = _peft_metadata(text_encoder)
+    # diffusers reads this key as {"unet.<field>": value, "text_encoder.<field>": value}.
+    flat = {f"{p}.{k}": v for p, cfg in diffusers_meta.items() for k, v in cfg.items()}
+    header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(flat, sort_keys=True)}
+    header[METADATA_PREFIX + "version"] = __version__
+    for key, value in (info or {}).items():
+        header[METADATA_PREFIX + key] = value if isinstance(value, str) else json.dumps(value)
+    path = folder / file_name
+    tmp = folder / (file_name + ".tmp")
+    save_file(state, str(tmp), metadata=header)
+    tmp.replace(path)
+    return path
+
+
+def read_adapter_metadata(path: str | Path) -> dict[str, str]:
+    """sdtune's header keys of an adapter file (without the prefix); empty for foreign files."""
+    path = resolve_adapter_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for torn files
+        raise SdtuneError(f"'{path}' is not a readable safetensors file: {exc}") from None
+    n = len(METADATA_PREFIX)
+    return {k[n:]: v for k, v in header.items() if k.startswith(METADATA_PREFIX)}
+
+
+def resolve_adapter_path(path: str | Path) -> Path:
+    """An adapter file, or the adapter file inside a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADAPTER_FILE_NAME
+    if not path.is_file():
+        raise SdtuneError(f"adapter '{path}' does not exist")
+    return path

@@ -1,0 +1,56 @@
+"""The `sdtune` command. Each subcommand lives in its own module and imports heavy libraries
+only when it runs, so `sdtune --help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from sdtune import __version__
+from sdtune.errors import SdtuneError
+
+# subcommand -> (module under sdtune.cli, one line of help)
+SUBCOMMANDS = {
+    "train": ("train", "train a LoRA from a recipe and key=value overrides"),
+    "generate": ("generate", "generate images with a base model and LoRA adapters"),
+    "demo": ("demo", "train and sample a LoRA on a built-in tiny model, end to end"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdtune", description="LoRA fine-tuning for Stable Diffusion 1.x and 2.x."
+    )
+    parser.add_argument("--version", action="version", version=f"sdtune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_line) in SUBCOMMANDS.items():
+        mod = importlib.import_module(f"sdtune.cli.{module}")
+        mod.add_arguments(sub.add_parser(name, help=help_line, **getattr(mod, "PARSER_KWARGS", {})))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    module = importlib.import_module(f"sdtune.cli.{SUBCOMMANDS[args.command][0]}")
+    try:
+        return module.run(args) or 0
+    except SdtuneError as exc:
+        if args.debug:
+            raise
+        print(f"sdtune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

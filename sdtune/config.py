@@ -1,0 +1,306 @@
+"""The typed run configuration: every option declared once, with its default and one line of help.
+
+A recipe is a YAML file with one mapping per section (`model`, `data`, `lora`, `train`, `output`).
+Command-line overrides are `section.key=value`. Both go through one strict path: an unknown key is an
+error that names it and suggests the closest valid key, a value of the wrong type is an error that
+names the key and the expected type, and range checks run before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sdtune.errors import SdtuneError
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """Declare one option: its default, its help line and (for strings) its allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    path: str = option(
+        "", "base model: a diffusers folder, a hub id, or one .safetensors/.ckpt file"
+    )
+    family: str | None = option(None, "model family (sd1, sd2-base, sd2-v, ...); detected if unset")
+    revision: str | None = option(None, "hub revision (branch, tag or commit) of a hub model")
+
+
+@dataclass
+class DataConfig:
+    dir: str = option("", "folder of images, with a caption file beside each image")
+    caption_ext: str = option(".txt", "extension of caption sidecar files")
+    recursive: bool = option(True, "also read images in sub-folders")
+    trigger: str = option("", "trigger word, put at the front of every caption that lacks it")
+    caption_template: str = option(
+        "{trigger}", "caption for images without a sidecar; {trigger} and {name} are filled in"
+    )
+    resolution: int = option(512, "training size in pixels (square); a multiple of 8")
+    center_crop: bool = option(True, "crop the centre (true) or a random square (false)")
+    random_flip: bool = option(False, "flip images left-right at random")
+    repeats: int = option(1, "times each image is seen per epoch")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = option(16, "LoRA rank (the width of the low-rank update)")
+    alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank")
+    dropout: float = option(0.0, "dropout on the LoRA branch")
+    unet_targets: str = option(
+        "attn", "U-Net modules to adapt: a preset (attn, cross-attn) or comma-separated names"
+    )
+    train_text_encoder: bool = option(False, "also train a LoRA on the text encoder attention")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = option(500, "optimizer steps to train for")
+    batch_size: int = option(1, "images per step on each process")
+    gradient_accumulation_steps: int = option(1, "micro-batches summed before each optimizer step")
+    learning_rate: float = option(1e-4, "learning rate of the U-Net LoRA")
+    text_encoder_learning_rate: float | None = option(
+        None, "learning rate of the text-encoder LoRA; defaults to learning_rate"
+    )
+    lr_scheduler: str = option(
+        "constant",
+        "learning-rate schedule",
+        (
+            "constant",
+            "constant_with_warmup",
+            "linear",
+            "cosine",
+            "cosine_with_restarts",
+            "polynomial",
+        ),
+    )
+    warmup_steps: int = option(0, "steps of linear warm-up at the start")
+    weight_decay: float = option(1e-2, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "clip gradients to this norm; 0 turns clipping off")
+    mixed_precision: str = option("no", "autocast precision", ("no", "fp16", "bf16"))
+    prediction_type: str | None = option(
+        None,
+        "objective override; read from the model's scheduler if unset",
+        ("epsilon", "v_prediction"),
+    )
+    seed: int = option(0, "seed of every random generator in the run")
+    num_workers: int = option(0, "data-loader worker processes")
+    log_every_n_steps: int = option(10, "steps between loss log lines")
+    save_every_n_steps: int = option(0, "steps between adapter snapshots; 0 saves only at the end")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = option("outputs/lora", "folder for the adapter, config, logs and samples")
+    overwrite: bool = option(False, "allow writing into a folder that already holds a run")
+    sample_prompt: str = option("", "prompt for a sample image after training; none if empty")
+    sample_steps: int = option(25, "denoising steps of the sample image")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(RunConfig)
+
+
+def iter_options() -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:
+    """Yield (dotted key, field, resolved type) for every option, in declaration order."""
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            yield f"{section}.{f.name}", f, hints[f.name]
+
+
+def _closest(name: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    name = getattr(base, "__name__", str(base))
+    return f"{name} or null" if args else name
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Turn a YAML value or an override string into the declared type, or fail naming the key."""
+    optional = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    base = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if optional else tp
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+        if optional:
+            return None
+        raise SdtuneError(f"{key} cannot be empty; expected {_type_name(tp)}")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "on", "1"):
+                return True
+            if text in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise SdtuneError(f"{key} must be {_type_name(tp)}, got {value!r}") from None
+    raise SdtuneError(f"{key}: unsupported option type {tp}")
+
+
+def _set_option(cfg: RunConfig, key: str, value: Any) -> None:
+    all_keys = [k for k, _, _ in iter_options()]
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise SdtuneError(f"unknown config key '{key}'{_closest(key, all_keys)}")
+    section, name = parts
+    options = {f.name: (f, tp) for k, f, tp in iter_options() if k.startswith(section + ".")}
+    if name not in options:
+        raise SdtuneError(f"unknown config key '{key}'{_closest(key, all_keys)}")
+    f, tp = options[name]
+    coerced = _coerce(key, value, tp)
+    choices = f.metadata.get("choices")
+    if choices and coerced is not None and coerced not in choices:
+        raise SdtuneError(f"{key} must be one of {', '.join(choices)}; got {coerced!r}")
+    setattr(getattr(cfg, section), name, coerced)
+
+
+def _flatten(data: Any, source: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SdtuneError(f"{source}: expected a mapping of sections (model, data, ...)")
+    flat: dict[str, Any] = {}
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            flat[str(section)] = values  # reported as an unknown key below
+            continue
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """Parse `section.key=value` strings; the value stays a string until it is coerced."""
+    parsed: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SdtuneError(f"override '{item}' is not of the form section.key=value")
+        parsed[key.strip()] = value
+    return parsed
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """Build a validated RunConfig from a recipe file (optional) and overrides."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SdtuneError(f"config file '{path}' does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise SdtuneError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        for key, value in _flatten(data, str(path)).items():
+            _set_option(cfg, key, value)
+    for key, value in (overrides or {}).items():
+        _set_option(cfg, key, value)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Range checks that need no model: each failure names the key and the valid range."""
+    checks = [
+        (cfg.model.path != "", "model.path", "is required (a diffusers folder, hub id or file)"),
+        (cfg.data.dir != "", "data.dir", "is required (a folder of images)"),
+        (
+            cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0,
+            "data.resolution",
+            "must be a positive multiple of 8",
+        ),
+        (cfg.data.repeats >= 1, "data.repeats", "must be at least 1"),
+        (cfg.lora.rank >= 1, "lora.rank", "must be at least 1"),
+        (cfg.lora.alpha > 0, "lora.alpha", "must be positive"),
+        (0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
+        (cfg.train.max_steps >= 1, "train.max_steps", "must be at least 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1"),
+        (
+            cfg.train.gradient_accumulation_steps >= 1,
+            "train.gradient_accumulation_steps",
+            "must be at least 1",
+        ),
+        (cfg.train.learning_rate > 0, "train.learning_rate", "must be positive"),
+        (
+            cfg.train.text_encoder_learning_rate is None
+            or cfg.train.text_encoder_learning_rate > 0,
+            "train.text_encoder_learning_rate",
+            "must be positive",
+        ),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay", "must be 0 or more"),
+        (cfg.train.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 or more"),
+        (cfg.train.num_workers >= 0, "train.num_workers", "must be 0 or more"),
+        (cfg.train.log_every_n_steps >= 1, "train.log_every_n_steps", "must be at least 1"),
+        (cfg.train.save_every_n_steps >= 0, "train.save_every_n_steps", "must be 0 or more"),
+        (cfg.output.dir != "", "output.dir", "is required"),
+        (cfg.output.sample_steps >= 1, "output.sample_steps", "must be at least 1"),
+    ]
+    for ok, key, rule in checks:
+        if not ok:
+            raise SdtuneError(f"{key} {rule}; got {_current(cfg, key)!r}")
+
+
+def _current(cfg: RunConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML (temporary name, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def format_options() -> str:
+    """The option table shown by `sdtune train --help`."""
+    lines = []
+    for key, f, tp in iter_options():
+        default = f.default if f.default is not dataclasses.MISSING else None
+        choices = f.metadata.get("choices")
+        extra = f" [{'|'.join(choices)}]" if choices else ""
+        lines.append(f"  {key:<38} {_type_name(tp):<14} default {default!r}{extra}")
+        lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
