@@ -144,7 +144,10 @@ def train(cfg: RunConfig) -> TrainResult:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         cfg.train.mixed_precision, torch.float32
     )
-    pipe.to(accelerator.device, dtype=dtype)
+    pipe.to(accelerator.device)
+    if dtype != torch.float32:  # frozen base in half precision; the LoRA weights stay fp32
+        pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
     param_groups = add_lora_adapters(pipe, cfg)
     prediction_type = cfg.train.prediction_type or pipe.scheduler.config.prediction_type
     alphas_cumprod = _alphas_cumprod(pipe.scheduler).to(accelerator.device)

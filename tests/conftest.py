@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny SD 1 model saved as a diffusers folder, and a small captioned image set.
+
+Everything is built in-process from config; no test touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(tmp_path_factory):
+    """A tiny random SD 1 pipeline saved with `save_pretrained` (seeded: same weights every run)."""
+    from sdtune.models.tiny import build_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sd1")
+    build_tiny_pipeline("sd1", seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def star_images(tmp_path_factory):
+    """Eight rendered 64 px star images with caption sidecars that contain the trigger `sks`."""
+    from sdtune.data.synthetic import write_shape_dataset
+
+    folder = tmp_path_factory.mktemp("stars")
+    write_shape_dataset(folder, shape="star", count=8, size=64, trigger="sks", seed=0)
+    return folder
