@@ -209,7 +209,32 @@ def train(cfg: RunConfig) -> TrainResult:
     )
     pipe.unet.eval()
     pipe.text_encoder.eval()
+    if cfg.output.sample_prompt and accelerator.is_main_process:
+        _save_sample(pipe, cfg, out / "samples")
     return TrainResult(out, adapter_path, step, last_loss, pipe)
+
+
+def _save_sample(pipe, cfg: RunConfig, folder: Path) -> None:
+    """One image from the trained adapter, so the run folder shows what was learned."""
+    from sdtune.generate.outputs import GenerationParams, save_png
+    from sdtune.generate.txt2img import generate_images
+
+    size = cfg.data.resolution
+    steps, seed = cfg.output.sample_steps, cfg.train.seed
+    with torch.no_grad():
+        image = generate_images(
+            pipe, cfg.output.sample_prompt, steps=steps, seed=seed, width=size, height=size
+        )[0]
+    params = GenerationParams(
+        prompt=cfg.output.sample_prompt,
+        steps=steps,
+        seed=seed,
+        width=size,
+        height=size,
+        scheduler=type(pipe.scheduler).__name__,
+        model=cfg.model.path,
+    )
+    logger.info("sample image %s", save_png(image, folder, params, stem=f"seed{seed}"))
 
 
 def _alphas_cumprod(scheduler) -> torch.Tensor:
