@@ -13,7 +13,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sdtune.cli.main import quiet_progress_bars
     from sdtune.demo import run_demo
+
+    quiet_progress_bars()
 
     summary = run_demo(args.out, max_steps=args.steps)
     print(summary)

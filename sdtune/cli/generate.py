@@ -46,7 +46,10 @@ def parse_lora(spec: str) -> tuple[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sdtune.cli.main import quiet_progress_bars
     from sdtune.generate.run import generate_to_folder
+
+    quiet_progress_bars()
 
     paths = generate_to_folder(
         prompt=args.prompt,

@@ -29,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
         recipe = items.pop(0)
     cfg = load_config(recipe, parse_overrides(items))
 
+    from sdtune.cli.main import quiet_progress_bars
     from sdtune.train.loop import train
+
+    quiet_progress_bars()
 
     result = train(cfg)
     print(f"adapter: {result.adapter_path}")
