@@ -8,7 +8,9 @@ The merges file comes with the `open-clip-torch` wheel on PyPI (install it with 
 unzip the wheel). The vocabulary is derived exactly as CLIP defines it: the 256 byte symbols, the
 same with the end-of-word mark `</w>`, one token per merge (the first 48,894 merges), then the two
 special tokens, 49,408 in all. SD 1 and SD 2 text encoders share this vocabulary; they differ only
-in the padding token, which sdtune sets per family.
+in the padding token: SD 1 pads with `<|endoftext|>`, SD 2 with `!` (id 0). The SD 2 settings go to
+a sibling folder `tokenizer_sd2/` holding only the two small JSON files, so the 2 MB vocabulary is
+shipped once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ VOCAB_SIZE = 49408
 NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48,894
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "sdtune" / "models" / "configs" / "tokenizer"
+SD2_PAD = "!"
 
 
 def byte_symbols() -> list[str]:
@@ -62,7 +65,7 @@ def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return vocab
 
 
-def tokenizer_config() -> dict:
+def tokenizer_config(pad_token: str = EOS) -> dict:
     """Settings for `CLIPTokenizer.from_pretrained`; SD 1 pads with the end token."""
     return {
         "tokenizer_class": "CLIPTokenizer",
@@ -72,7 +75,7 @@ def tokenizer_config() -> dict:
         "bos_token": BOS,
         "eos_token": EOS,
         "unk_token": EOS,
-        "pad_token": EOS,
+        "pad_token": pad_token,
         "clean_up_tokenization_spaces": True,
     }
 
@@ -82,7 +85,13 @@ def write_files(out_dir: Path, vocab: dict[str, int], merges: list[tuple[str, st
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merge_lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (out_dir / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
-    config = tokenizer_config()
+    write_settings(out_dir, tokenizer_config())
+    write_settings(out_dir.with_name(out_dir.name + "_sd2"), tokenizer_config(pad_token=SD2_PAD))
+
+
+def write_settings(out_dir: Path, config: dict) -> None:
+    """tokenizer_config.json and special_tokens_map.json (transformers reads both)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

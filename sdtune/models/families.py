@@ -1,0 +1,238 @@
+"""The Stable Diffusion 1.x/2.x model families sdtune knows, and how to tell them apart.
+
+Each family ships its full-size diffusers configs under `configs/<name>/` (as published in the
+public model repos, without the safety checker), so an architecture can be built, a single-file
+checkpoint converted, or a folder checked, without the network. Detection works from configs
+only (never loads weights), so it is cheap enough to run before anything heavy.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdtune.errors import SdtuneError
+from sdtune.models.tokenizer import CONFIGS_DIR, write_tokenizer_folder
+
+# Cross-attention widths of the real text encoders: CLIP ViT-L/14 (SD 1), OpenCLIP ViT-H (SD 2).
+SD1_CONTEXT_DIM = 768
+SD2_CONTEXT_DIM = 1024
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: what it is, how diffusers runs it, and what tells it apart."""
+
+    name: str  # public id, e.g. "sd1"
+    description: str
+    pipeline_class: str  # diffusers pipeline class name
+    unet_in_channels: int  # 4 latents (+1 depth, +5 mask and masked image, +3 low-res image)
+    cross_attention_dim: int  # width of the text embeddings the U-Net attends to
+    prediction_type: str  # "epsilon" | "v_prediction"
+    resolution: int  # native output side in pixels
+    sd_version: int = 1  # 1: CLIP ViT-L text encoder; 2: OpenCLIP ViT-H text encoder
+
+    @property
+    def config_dir(self) -> Path:
+        """The shipped folder of full-size diffusers configs (no weights, no tokenizer)."""
+        return CONFIGS_DIR / self.name
+
+
+def _family(name: str, description: str, pipeline: str, in_ch: int, version: int, **kw) -> Family:
+    context_dim = SD2_CONTEXT_DIM if version == 2 else SD1_CONTEXT_DIM
+    return Family(
+        name=name,
+        description=description,
+        pipeline_class=pipeline,
+        unet_in_channels=in_ch,
+        cross_attention_dim=context_dim,
+        prediction_type=kw.get("prediction_type", "epsilon"),
+        resolution=kw.get("resolution", 512),
+        sd_version=version,
+    )
+
+
+_TXT2IMG = "StableDiffusionPipeline"
+_INPAINT = "StableDiffusionInpaintPipeline"
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        _family("sd1", "Stable Diffusion 1.4/1.5, 512 px", _TXT2IMG, 4, 1),
+        _family("sd1-inpaint", "SD 1.5 inpainting (9-channel U-Net)", _INPAINT, 9, 1),
+        _family("sd2-base", "Stable Diffusion 2.x base, 512 px, epsilon", _TXT2IMG, 4, 2),
+        _family(
+            "sd2-v",
+            "Stable Diffusion 2.x 768-v, v-prediction",
+            _TXT2IMG,
+            4,
+            2,
+            prediction_type="v_prediction",
+            resolution=768,
+        ),
+        _family("sd2-inpaint", "SD 2 inpainting (9-channel U-Net)", _INPAINT, 9, 2),
+        _family(
+            "sd2-depth",
+            "SD 2 depth-to-image (5-channel U-Net + DPT depth estimator)",
+            "StableDiffusionDepth2ImgPipeline",
+            5,
+            2,
+        ),
+        _family(
+            "sd2-upscale",
+            "SD x4 upscaler (7-channel U-Net, noise-level class embedding); 128 -> 512 px",
+            "StableDiffusionUpscalePipeline",
+            7,
+            2,
+            prediction_type="v_prediction",
+        ),
+    )
+}
+
+
+def get_family(name: str | Family) -> Family:
+    """The family called `name`; a bad name is an error listing the valid ones."""
+    if isinstance(name, Family):
+        return name
+    family = FAMILIES.get(name)
+    if family is not None:
+        return family
+    valid = ", ".join(FAMILIES)
+    close = difflib.get_close_matches(str(name), list(FAMILIES), n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise SdtuneError(f"unknown model family '{name}'{hint}; valid families: {valid}")
+
+
+def is_sd2_text(cross_attention_dim: int, use_linear_projection: bool) -> bool:
+    """Whether a U-Net is conditioned on SD 2's OpenCLIP text rather than SD 1's CLIP.
+
+    The real widths decide (768 vs 1024). Tiny test models use other widths; for them the
+    transformer's input projection decides: SD 2 uses linear projections, SD 1 1x1 convolutions.
+    """
+    if cross_attention_dim == SD1_CONTEXT_DIM:
+        return False
+    if cross_attention_dim == SD2_CONTEXT_DIM:
+        return True
+    return bool(use_linear_projection)
+
+
+def match_family(
+    in_channels: int,
+    sd2: bool,
+    prediction_type: str,
+    *,
+    has_depth_estimator: bool = False,
+    is_upscaler: bool = False,
+    source: str = "model",
+) -> Family:
+    """The family with these traits; an error if no SD 1.x/2.x family has them."""
+    if is_upscaler or in_channels == 7:
+        return FAMILIES["sd2-upscale"]
+    if has_depth_estimator or in_channels == 5:
+        return FAMILIES["sd2-depth"]
+    if in_channels == 9:
+        return FAMILIES["sd2-inpaint" if sd2 else "sd1-inpaint"]
+    if in_channels == 4:
+        if not sd2:
+            return FAMILIES["sd1"]
+        return FAMILIES["sd2-v" if prediction_type == "v_prediction" else "sd2-base"]
+    raise SdtuneError(
+        f"{source}: U-Net with {in_channels} input channels is not a Stable Diffusion 1.x/2.x "
+        "family (expected 4, 5, 7 or 9)"
+    )
+
+
+def _check_not_sdxl(unet_config: dict[str, Any], source: str) -> None:
+    if unet_config.get("addition_embed_type") or unet_config.get("cross_attention_dim") == 2048:
+        raise SdtuneError(f"{source}: looks like SDXL, which sdtune does not support (SD 1.x/2.x)")
+
+
+def detect_family(pipe: Any) -> Family:
+    """The family of a loaded diffusers pipeline, from its U-Net/scheduler configs and parts."""
+    if isinstance(pipe, (str, os.PathLike)):
+        return detect_family_from_folder(pipe)
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise SdtuneError(f"{type(pipe).__name__} has no U-Net; expected a Stable Diffusion pipeline")
+    config = dict(unet.config)
+    source = type(pipe).__name__
+    _check_not_sdxl(config, source)
+    components = getattr(pipe, "components", {})
+    return match_family(
+        int(config["in_channels"]),
+        is_sd2_text(int(config["cross_attention_dim"]), bool(config.get("use_linear_projection"))),
+        pipe.scheduler.config.get("prediction_type", "epsilon"),
+        has_depth_estimator=components.get("depth_estimator") is not None,
+        is_upscaler=components.get("low_res_scheduler") is not None
+        or config.get("num_class_embeds") is not None,
+        source=source,
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SdtuneError(f"{path} is missing; expected a diffusers model folder") from None
+    except json.JSONDecodeError as exc:
+        raise SdtuneError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def detect_family_from_folder(path: str | os.PathLike) -> Family:
+    """The family of a diffusers model folder, from its JSON configs alone (no weights read)."""
+    folder = Path(path)
+    index = _read_json(folder / "model_index.json")
+    unet = _read_json(folder / "unet" / "config.json")
+    _check_not_sdxl(unet, str(folder))
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(scheduler_file) if scheduler_file.exists() else {}
+
+    def present(name: str) -> bool:
+        value = index.get(name)
+        return isinstance(value, list) and value[0] is not None
+
+    return match_family(
+        int(unet["in_channels"]),
+        is_sd2_text(int(unet["cross_attention_dim"]), bool(unet.get("use_linear_projection"))),
+        scheduler.get("prediction_type", "epsilon"),
+        has_depth_estimator=present("depth_estimator"),
+        is_upscaler=present("low_res_scheduler") or unet.get("num_class_embeds") is not None,
+        source=str(folder),
+    )
+
+
+def write_config_folder(family: str | Family, dest: str | os.PathLike) -> Path:
+    """Write a diffusers config folder (configs + tokenizer, no weights) for `family` at `dest`.
+
+    This is what `from_single_file(config=...)` needs to build the pipeline offline.
+    """
+    family = get_family(family)
+    dest = Path(dest)
+    shutil.copytree(family.config_dir, dest, dirs_exist_ok=True)
+    write_tokenizer_folder(dest / "tokenizer", family.sd_version)
+    return dest
+
+
+def build_pipeline_from_config(
+    family: str | Family,
+    components: dict[str, Any] | None = None,
+    *,
+    empty: bool = False,
+    seed: int = 0,
+) -> Any:
+    """A full-size pipeline of `family` with random weights, built from the shipped configs.
+
+    `components` replaces parts by name (e.g. a real `text_encoder`). With `empty=True` the
+    weights live on the meta device: nothing is allocated, good for counting parameters or
+    inspecting shapes, not for running. Otherwise this allocates the full model (~4-5 GB fp32).
+    """
+    from sdtune.models.build import build_pipeline, load_family_configs
+
+    family = get_family(family)
+    return build_pipeline(
+        family, load_family_configs(family), components=components, empty=empty, seed=seed
+    )
