@@ -102,8 +102,9 @@ def get_family(name: str | Family) -> Family:
     if family is not None:
         return family
     valid = ", ".join(FAMILIES)
-    close = difflib.get_close_matches(str(name), list(FAMILIES), n=1, cutoff=0.5)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    starts = [f for f in FAMILIES if str(name) and f.startswith(str(name))]
+    close = (starts or difflib.get_close_matches(str(name), list(FAMILIES), n=2, cutoff=0.5))[:2]
+    hint = " (did you mean " + " or ".join(f"'{c}'" for c in close) + "?)" if close else ""
     raise SdtuneError(f"unknown model family '{name}'{hint}; valid families: {valid}")
 
 
@@ -157,7 +158,9 @@ def detect_family(pipe: Any) -> Family:
         return detect_family_from_folder(pipe)
     unet = getattr(pipe, "unet", None)
     if unet is None:
-        raise SdtuneError(f"{type(pipe).__name__} has no U-Net; expected a Stable Diffusion pipeline")
+        raise SdtuneError(
+            f"{type(pipe).__name__} has no U-Net; expected a Stable Diffusion pipeline"
+        )
     config = dict(unet.config)
     source = type(pipe).__name__
     _check_not_sdxl(config, source)

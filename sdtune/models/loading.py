@@ -1,0 +1,252 @@
+"""Load a base model from a local diffusers folder, a single-file checkpoint, or a hub id.
+
+Whatever the source, the result is the diffusers pipeline of the model's family (txt2img,
+inpainting, depth-to-image or x4 upscaling), without a safety checker. Single files in the
+original layout are converted by diffusers with the configs sdtune ships, so nothing is fetched;
+pickled checkpoints are only read with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtune.errors import SdtuneError
+from sdtune.models.families import (
+    Family,
+    detect_family_from_folder,
+    get_family,
+    write_config_folder,
+)
+from sdtune.models.original_layout import (
+    CHECKPOINT_SUFFIXES,
+    detect_family_from_checkpoint,
+    read_checkpoint_info,
+)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+_TXT2IMG_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def load_pipeline(
+    source: str | os.PathLike,
+    family: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: str | None = None,
+    *,
+    config_dir: str | os.PathLike | None = None,
+    components: dict[str, Any] | None = None,
+) -> Any:
+    """The pipeline of the model at `source`: a diffusers folder, a checkpoint file or a hub id.
+
+    `family` overrides detection (e.g. "sd2-v" for a 768-v single file with no telling name).
+    `config_dir` points a single-file load at a diffusers config folder instead of the shipped
+    configs (for models whose architecture differs, such as tiny test models). `components`
+    passes ready-made parts by name, e.g. `{"depth_estimator": ...}` for a depth checkpoint.
+    """
+    fam = get_family(family) if family is not None else None
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        pipe = _load_folder(path, fam, torch_dtype, components)
+    elif path.is_file():
+        config = Path(config_dir) if config_dir is not None else None
+        pipe = _load_single_file(path, fam, torch_dtype, config, components)
+    elif _HUB_ID.match(text) and not text.lower().endswith(CHECKPOINT_SUFFIXES):
+        pipe = _load_folder(_download(text), fam, torch_dtype, components)
+    else:
+        raise SdtuneError(
+            f"model '{text}' not found: no such file or folder; expected a diffusers folder, "
+            "a .safetensors/.ckpt checkpoint, or a hub id such as org/name"
+        )
+    if fam is not None:
+        _match_prediction_type(pipe, fam)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def _pipeline_class(family: Family) -> Any:
+    import diffusers
+
+    return getattr(diffusers, family.pipeline_class)
+
+
+def _without_safety_checker(cls: Any, components: dict[str, Any] | None) -> dict[str, Any]:
+    """Loading kwargs that skip the safety checker (sdtune never uses it) unless one is given."""
+    kwargs = dict(components or {})
+    params = inspect.signature(cls.__init__).parameters
+    if "safety_checker" in params:
+        kwargs.setdefault("safety_checker", None)
+    if "requires_safety_checker" in params:
+        kwargs.setdefault("requires_safety_checker", False)
+    return kwargs
+
+
+def _resolve_family(given: Family | None, detected: Family, source: Path | str) -> Family:
+    """The user's family if it fits the weights (same U-Net inputs and text encoder)."""
+    if given is None:
+        return detected
+    same_shape = (given.unet_in_channels, given.sd_version) == (
+        detected.unet_in_channels,
+        detected.sd_version,
+    )
+    if not same_shape:
+        raise SdtuneError(
+            f"{source}: family '{given.name}' does not fit this model, which looks like "
+            f"'{detected.name}'; pass family='{detected.name}' or leave family unset"
+        )
+    return given
+
+
+def _match_prediction_type(pipe: Any, family: Family) -> None:
+    """Make the scheduler predict what the caller's family says (sd2-base/sd2-v look alike)."""
+    scheduler = pipe.scheduler
+    if scheduler.config.get("prediction_type") != family.prediction_type:
+        pipe.scheduler = type(scheduler).from_config(
+            scheduler.config, prediction_type=family.prediction_type
+        )
+
+
+def _load_folder(
+    folder: Path, fam: Family | None, dtype: torch.dtype | None, components: dict | None
+) -> Any:
+    if not (folder / "model_index.json").is_file():
+        raise SdtuneError(
+            f"{folder} has no model_index.json, so it is not a diffusers model folder; "
+            "pass the folder that contains model_index.json, or a .safetensors file"
+        )
+    family = _resolve_family(fam, detect_family_from_folder(folder), folder)
+    cls = _pipeline_class(family)
+    kwargs = _without_safety_checker(cls, components)
+    return cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **kwargs)
+
+
+def _download(repo_id: str) -> Path:
+    """The local snapshot of hub model `repo_id`: from the cache, or fetched when online."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return Path(DiffusionPipeline.download(repo_id))
+    except (OSError, ValueError) as exc:  # huggingface_hub's errors derive from these
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise SdtuneError(
+            f"cannot fetch '{repo_id}': it is not a local path and not in the Hugging Face cache, "
+            f"and the Hub cannot be reached ({reason}); download it with "
+            f"`hf download {repo_id}` (or `huggingface-cli download {repo_id}`) on a machine with "
+            "network, or pass a local folder / .safetensors file"
+        ) from None
+
+
+def _single_file_family(path: Path, fam: Family | None, config_dir: Path | None) -> Family:
+    """The family to load a checkpoint as: the caller's (checked against the weights) or detected."""
+    info = read_checkpoint_info(path)
+    if fam is None and config_dir is not None:
+        fam = detect_family_from_folder(config_dir)  # its scheduler settles eps vs v
+    if fam is None:
+        return detect_family_from_checkpoint(info)
+    with warnings.catch_warnings():  # the eps/v guess is moot: the caller has settled it
+        warnings.simplefilter("ignore")
+        detected = detect_family_from_checkpoint(info)
+    return _resolve_family(fam, detected, path)
+
+
+def _load_single_file(
+    path: Path,
+    fam: Family | None,
+    dtype: torch.dtype | None,
+    config_dir: Path | None,
+    components: dict | None,
+) -> Any:
+    family = _single_file_family(path, fam, config_dir)
+    if config_dir is not None and not (config_dir / "model_index.json").is_file():
+        raise SdtuneError(f"config_dir {config_dir} has no model_index.json")
+    components = dict(components or {})
+    with tempfile.TemporaryDirectory(prefix="sdtune-config-") as tmp:
+        config = config_dir or write_config_folder(family, Path(tmp) / "config")
+        try:
+            if family.name == "sd2-depth":
+                pipe = _load_depth_single_file(path, config, Path(tmp), dtype, components)
+            else:
+                cls = _pipeline_class(family)
+                kwargs = _without_safety_checker(cls, components)
+                pipe = cls.from_single_file(
+                    str(path),
+                    config=str(config),
+                    torch_dtype=dtype,
+                    local_files_only=True,
+                    **kwargs,
+                )
+        except (ValueError, RuntimeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else repr(exc)
+            raise SdtuneError(
+                f"{path}: cannot load as '{family.name}' ({first}); if the family is wrong, "
+                "pass family=..., or config_dir=<diffusers folder> for a non-standard architecture"
+            ) from exc
+    return pipe
+
+
+def _txt2img_config_folder(config: Path, dest: Path) -> Path:
+    """A copy of `config`'s txt2img parts (configs only) with a StableDiffusionPipeline index."""
+    for part in _TXT2IMG_PARTS:
+        for file in (config / part).glob("*"):
+            if file.is_file() and file.suffix in (".json", ".txt"):
+                (dest / part).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(file, dest / part / file.name)
+    index = json.loads((config / "model_index.json").read_text(encoding="utf-8"))
+    txt2img = {name: index[name] for name in _TXT2IMG_PARTS}
+    txt2img.update(
+        _class_name="StableDiffusionPipeline",
+        safety_checker=[None, None],
+        feature_extractor=[None, None],
+        requires_safety_checker=False,
+    )
+    (dest / "model_index.json").write_text(json.dumps(txt2img, indent=2), encoding="utf-8")
+    return dest
+
+
+def _load_depth_single_file(
+    path: Path, config: Path, tmp: Path, dtype: torch.dtype | None, components: dict
+) -> Any:
+    """Depth-to-image from a single file: diffusers has no single-file loader for it.
+
+    The U-Net, VAE and text encoder come from the checkpoint through the txt2img loader; the
+    DPT depth estimator is not part of original depth checkpoints and must come from elsewhere.
+    """
+    from diffusers import StableDiffusionDepth2ImgPipeline, StableDiffusionPipeline
+    from transformers import AutoImageProcessor, DPTForDepthEstimation
+
+    estimator = components.pop("depth_estimator", None)
+    estimator_dir = config / "depth_estimator"
+    if estimator is None and any(estimator_dir.glob("*.safetensors")):
+        estimator = DPTForDepthEstimation.from_pretrained(str(estimator_dir), dtype=dtype)
+    if estimator is None:
+        raise SdtuneError(
+            f"{path}: original depth checkpoints do not contain the DPT depth estimator; pass "
+            "components={'depth_estimator': DPTForDepthEstimation.from_pretrained(...)} or "
+            "config_dir=<a diffusers sd2-depth folder with depth_estimator weights>"
+        )
+    processor = components.pop("feature_extractor", None) or AutoImageProcessor.from_pretrained(
+        str(config / "feature_extractor")
+    )
+    base = StableDiffusionPipeline.from_single_file(
+        str(path),
+        config=str(_txt2img_config_folder(config, tmp / "txt2img")),
+        torch_dtype=dtype,
+        local_files_only=True,
+        safety_checker=None,
+        **{k: v for k, v in components.items() if k in _TXT2IMG_PARTS},
+    )
+    parts = {name: getattr(base, name) for name in _TXT2IMG_PARTS}
+    return StableDiffusionDepth2ImgPipeline(
+        **parts, depth_estimator=estimator, feature_extractor=processor
+    )

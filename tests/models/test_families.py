@@ -1,0 +1,102 @@
+import json
+
+import pytest
+
+from sdtune.errors import SdtuneError
+from sdtune.models.families import (
+    FAMILIES,
+    build_pipeline_from_config,
+    detect_family,
+    detect_family_from_folder,
+    get_family,
+    write_config_folder,
+)
+
+# family: (U-Net in-channels, cross-attention dim, prediction type, U-Net sample size)
+EXPECTED = {
+    "sd1": (4, 768, "epsilon", 64),
+    "sd1-inpaint": (9, 768, "epsilon", 64),
+    "sd2-base": (4, 1024, "epsilon", 64),
+    "sd2-v": (4, 1024, "v_prediction", 96),
+    "sd2-inpaint": (9, 1024, "epsilon", 64),
+    "sd2-depth": (5, 1024, "epsilon", 64),
+    "sd2-upscale": (7, 1024, "v_prediction", 128),
+}
+
+
+def test_every_family_is_covered():
+    assert set(FAMILIES) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_shipped_configs_load_and_match_the_family(name):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    family = get_family(name)
+    unet = UNet2DConditionModel.load_config(family.config_dir / "unet")
+    vae = AutoencoderKL.load_config(family.config_dir / "vae")
+    scheduler = json.loads((family.config_dir / "scheduler/scheduler_config.json").read_text())
+    in_channels, context_dim, prediction, sample_size = EXPECTED[name]
+    assert unet["in_channels"] == family.unet_in_channels == in_channels
+    assert unet["cross_attention_dim"] == family.cross_attention_dim == context_dim
+    assert scheduler["prediction_type"] == family.prediction_type == prediction
+    assert unet["sample_size"] == sample_size
+    assert unet["use_linear_projection"] is (family.sd_version == 2)
+    downsamplings = len(vae["block_out_channels"]) - 1
+    assert downsamplings == (2 if name == "sd2-upscale" else 3)
+    assert detect_family_from_folder(family.config_dir) is family
+
+
+def test_upscaler_and_depth_configs_have_their_extras():
+    up = get_family("sd2-upscale").config_dir
+    unet = json.loads((up / "unet/config.json").read_text())
+    assert unet["num_class_embeds"] == 1000
+    assert json.loads((up / "vae/config.json").read_text())["scaling_factor"] == 0.08333
+    index = json.loads((up / "model_index.json").read_text())
+    assert index["max_noise_level"] == 350
+    assert index["low_res_scheduler"] == ["diffusers", "DDPMScheduler"]
+    depth = get_family("sd2-depth").config_dir
+    dpt = json.loads((depth / "depth_estimator/config.json").read_text())
+    assert dpt["model_type"] == "dpt" and dpt["is_hybrid"] is True
+
+
+def test_unknown_family_names_the_valid_ones_and_a_close_match():
+    with pytest.raises(SdtuneError, match=r"unknown model family 'sd15' \(did you mean 'sd1'\?\)"):
+        get_family("sd15")
+    with pytest.raises(SdtuneError, match="sd2-base.*sd2-v.*valid families: sd1, sd1-inpaint"):
+        get_family("sd2")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_detect_family_of_tiny_pipelines(tiny_pipe, name):
+    pipe = tiny_pipe(name)
+    assert detect_family(pipe).name == name
+    assert type(pipe).__name__ == get_family(name).pipeline_class
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2-v", "sd2-depth", "sd2-upscale"])
+def test_detect_family_from_saved_tiny_folder(tiny_pipe, tmp_path, name):
+    tiny_pipe(name).save_pretrained(tmp_path)
+    assert detect_family_from_folder(tmp_path).name == name
+    assert detect_family(tmp_path).name == name
+
+
+def test_detect_family_from_folder_without_model_index(tmp_path):
+    with pytest.raises(SdtuneError, match="model_index.json is missing"):
+        detect_family_from_folder(tmp_path)
+
+
+def test_config_folder_has_tokenizer_with_family_padding(tmp_path):
+    from transformers import CLIPTokenizer
+
+    folder = write_config_folder("sd2-v", tmp_path / "cfg")
+    assert (folder / "unet/config.json").is_file()
+    assert CLIPTokenizer.from_pretrained(folder / "tokenizer").pad_token == "!"
+
+
+def test_full_size_sd1_architecture_on_meta_device():
+    pipe = build_pipeline_from_config("sd1", empty=True)
+    params = sum(p.numel() for p in pipe.unet.parameters())
+    assert params == 859_520_964  # the published SD 1.5 U-Net size
+    assert next(pipe.unet.parameters()).device.type == "meta"
+    assert pipe.safety_checker is None
