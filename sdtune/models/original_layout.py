@@ -33,7 +33,8 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CHECKPOINT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 FAMILY_METADATA_KEY = "sdtune.family"
-_V_NAME = re.compile(r"768-?v|v[-_]?pred", re.IGNORECASE)
+# Official SD 2 768 files are v-prediction: "768-v-ema.ckpt" (2.0), "v2-1_768-ema-pruned" (2.1).
+_V_NAME = re.compile(r"768|v[-_]?pred", re.IGNORECASE)
 _OPENCLIP_H_LAYERS = 24  # blocks of OpenCLIP ViT-H text; diffusers keeps 23
 
 
@@ -142,7 +143,7 @@ def detect_family_from_checkpoint(info: CheckpointInfo) -> Family:
     """The family of an original-layout checkpoint, from its key names and shapes.
 
     SD 2 epsilon and v-prediction weights look alike; the sibling `.yaml`'s `parameterization`,
-    then a file name containing "768-v"/"v-pred", decide; otherwise sd2-base, with a warning.
+    then a file name containing "768" or "v-pred", decide; otherwise sd2-base, with a warning.
     """
     shapes = info.shapes
     named = info.metadata.get(FAMILY_METADATA_KEY)
