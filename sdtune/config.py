@@ -32,7 +32,6 @@ class ModelConfig:
         "", "base model: a diffusers folder, a hub id, or one .safetensors/.ckpt file"
     )
     family: str | None = option(None, "model family (sd1, sd2-base, sd2-v, ...); detected if unset")
-    revision: str | None = option(None, "hub revision (branch, tag or commit) of a hub model")
 
 
 @dataclass

@@ -134,7 +134,7 @@ def train(cfg: RunConfig) -> TrainResult:
         logger.info("data: %s", report.summary())
     set_seed(cfg.train.seed)
 
-    pipe = load_pipeline(cfg.model.path, family=cfg.model.family, revision=cfg.model.revision)
+    pipe = load_pipeline(cfg.model.path, family=cfg.model.family)
     family = detect_family(pipe)
     if family.name not in TRAINABLE_FAMILIES:
         raise SdtuneError(
