@@ -191,6 +191,7 @@ def vae_to_original(state_dict: Mapping[str, torch.Tensor], config: Mapping[str,
 
     The mid-block attention's linear q/k/v/out weights become 1x1 convolution kernels.
     """
+    _check_plain(state_dict, "VAE")
     names = rename_keys(state_dict, vae_prefix_map(config), "VAE")
     out = {}
     for key, value in state_dict.items():

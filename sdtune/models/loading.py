@@ -75,6 +75,12 @@ def load_pipeline(
     return pipe
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's message cut to one short line, for a one-line SdtuneError."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def _pipeline_class(family: Family) -> Any:
     import diffusers
 
@@ -128,7 +134,10 @@ def _load_folder(
     family = _resolve_family(fam, detect_family_from_folder(folder), folder)
     cls = _pipeline_class(family)
     kwargs = _without_safety_checker(cls, components)
-    return cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **kwargs)
+    try:
+        return cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:  # missing or mismatched weight files
+        raise SdtuneError(f"{folder}: cannot load as '{family.name}' ({_first_line(exc)})") from exc
 
 
 def _download(repo_id: str) -> Path:
@@ -136,9 +145,10 @@ def _download(repo_id: str) -> Path:
     from diffusers import DiffusionPipeline
 
     try:
-        return Path(DiffusionPipeline.download(repo_id))
+        # safety_checker=None: sdtune never runs it, so its 1.2 GB are not downloaded.
+        return Path(DiffusionPipeline.download(repo_id, safety_checker=None))
     except (OSError, ValueError) as exc:  # huggingface_hub's errors derive from these
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = _first_line(exc)
         raise SdtuneError(
             f"cannot fetch '{repo_id}': it is not a local path and not in the Hugging Face cache, "
             f"and the Hub cannot be reached ({reason}); download it with "
@@ -148,7 +158,7 @@ def _download(repo_id: str) -> Path:
 
 
 def _single_file_family(path: Path, fam: Family | None, config_dir: Path | None) -> Family:
-    """The family to load a checkpoint as: the caller's (checked against the weights) or detected."""
+    """The family to load a checkpoint as: the caller's (fit-checked), or detected."""
     info = read_checkpoint_info(path)
     if fam is None and config_dir is not None:
         fam = detect_family_from_folder(config_dir)  # its scheduler settles eps vs v
@@ -187,10 +197,10 @@ def _load_single_file(
                     **kwargs,
                 )
         except (ValueError, RuntimeError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else repr(exc)
             raise SdtuneError(
-                f"{path}: cannot load as '{family.name}' ({first}); if the family is wrong, "
-                "pass family=..., or config_dir=<diffusers folder> for a non-standard architecture"
+                f"{path}: cannot load as '{family.name}' ({_first_line(exc)}); "
+                "if the family is wrong, pass family=..., or config_dir=<diffusers folder> "
+                "for a non-standard architecture"
             ) from exc
     return pipe
 

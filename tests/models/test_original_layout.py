@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdtune.errors import SdtuneError
-from sdtune.models.families import build_pipeline_from_config
+from sdtune.models.families import build_pipeline_from_config, get_family
 from sdtune.models.loading import load_pipeline
 from sdtune.models.original_layout import (
     detect_family_from_checkpoint,
@@ -163,3 +163,44 @@ def test_lora_file_is_not_a_base_model(tmp_path):
     )
     with pytest.raises(SdtuneError, match="LoRA"):
         load_pipeline(lora)
+
+
+def test_unfused_lora_is_refused_with_the_fix(tmp_path):
+    from peft import LoraConfig
+
+    from sdtune.models.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd1")
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"]))
+    with pytest.raises(SdtuneError, match="fuse_lora"):
+        save_original_checkpoint(pipe, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family, name",
+    [
+        ("sd1", "model.safetensors"),
+        ("sd2-v", "v2-1_768-ema-pruned.safetensors"),
+        ("sd2-upscale", "x4-upscaler.safetensors"),
+    ],
+)
+def test_full_size_single_file_round_trip_with_shipped_configs(request, tmp_path, family, name):
+    """Full-size random weights -> fp16 original layout -> load with the shipped configs.
+
+    ~1 minute and ~9 GB of memory per family, so it runs only when asked for with `-m slow`.
+    """
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("full-size model; run with -m slow")
+    from safetensors.torch import save_file as write
+
+    pipe = build_pipeline_from_config(family)
+    file = save_original_checkpoint(pipe, tmp_path / name, dtype=torch.float16)
+    write(load_original_state_dict(file), str(file))  # drop the sdtune header: detect from keys
+    loaded = load_pipeline(file, torch_dtype=torch.float16)
+    assert loaded.scheduler.config.prediction_type == get_family(family).prediction_type
+    for part in PARTS:
+        ours, theirs = pipe.components[part].state_dict(), loaded.components[part].state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k].half(), theirs[k]) for k in ours), part
