@@ -123,6 +123,48 @@ def _match_prediction_type(pipe: Any, family: Family) -> None:
         )
 
 
+# Image-processor classes named in published model indexes that transformers 5 removed.
+_REMOVED_PROCESSORS = {
+    "CLIPFeatureExtractor": "CLIPImageProcessor",  # SD 1.5
+    "DPTFeatureExtractor": "DPTImageProcessor",  # SD 2 depth
+}
+
+
+def _register_processor_renames() -> None:
+    """Teach diffusers' folder loader the renames it lacks (it knows only the CLIP one).
+
+    diffusers keeps a table of transformers classes that were renamed; stabilityai's depth
+    model names `DPTFeatureExtractor`, which is not in it, and the load fails.
+    """
+    try:
+        from diffusers.utils import deprecation_utils
+
+        table = deprecation_utils._TRANSFORMERS_CLASS_REMAPPING
+    except (ImportError, AttributeError):  # a diffusers without the table: nothing to teach
+        return
+    for old, new in _REMOVED_PROCESSORS.items():
+        table.setdefault(old, {"new_class": new, "transformers_version": (">", "4.57.0")})
+
+
+def _legacy_processors(folder: Path, components: dict[str, Any]) -> dict[str, Any]:
+    """Image processors a config folder names by a removed class, loaded with the new class.
+
+    diffusers' single-file loader looks classes up without its rename table, so they are
+    loaded here and passed in ready-made. The settings file is the same for both classes.
+    """
+    import transformers
+
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    found = {}
+    for name, spec in index.items():
+        if name in components or not isinstance(spec, list) or spec[0] != "transformers":
+            continue
+        new = _REMOVED_PROCESSORS.get(spec[1])
+        if new is not None and (folder / name).is_dir():
+            found[name] = getattr(transformers, new).from_pretrained(str(folder / name))
+    return found
+
+
 def _load_folder(
     folder: Path, fam: Family | None, dtype: torch.dtype | None, components: dict | None
 ) -> Any:
@@ -134,6 +176,7 @@ def _load_folder(
     family = _resolve_family(fam, detect_family_from_folder(folder), folder)
     cls = _pipeline_class(family)
     kwargs = _without_safety_checker(cls, components)
+    _register_processor_renames()
     try:
         return cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:  # missing or mismatched weight files
@@ -181,6 +224,8 @@ def _load_single_file(
     if config_dir is not None and not (config_dir / "model_index.json").is_file():
         raise SdtuneError(f"config_dir {config_dir} has no model_index.json")
     components = dict(components or {})
+    if config_dir is not None:
+        components.update(_legacy_processors(config_dir, components))
     with tempfile.TemporaryDirectory(prefix="sdtune-config-") as tmp:
         config = config_dir or write_config_folder(family, Path(tmp) / "config")
         try:

@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import huggingface_hub.constants as hub_constants
 import pytest
 import torch
@@ -86,3 +89,33 @@ def test_hub_id_not_cached_offline_says_how_to_download(offline_hub_cache):
     assert "cannot fetch 'org/not-cached'" in message
     assert "hf download org/not-cached" in message
     assert "\n" not in message
+
+
+def _declare(folder, name, spec):
+    index = json.loads((folder / "model_index.json").read_text())
+    index[name] = spec
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def test_depth_folder_naming_the_removed_dpt_feature_extractor_loads(tiny_pipe, tmp_path):
+    # stabilityai/stable-diffusion-2-depth declares DPTFeatureExtractor, gone in transformers 5
+    tiny_pipe("sd2-depth").save_pretrained(tmp_path)
+    _declare(tmp_path, "feature_extractor", ["transformers", "DPTFeatureExtractor"])
+    pipe = load_pipeline(tmp_path)
+    assert "DPTImageProcessor" in type(pipe.feature_extractor).__name__
+
+
+def test_single_file_with_config_naming_clip_feature_extractor(tiny_pipe, tmp_path):
+    # runwayml/stable-diffusion-v1-5 declares CLIPFeatureExtractor
+    from sdtune.models.families import get_family
+    from sdtune.models.original_layout import save_original_checkpoint
+
+    folder = tmp_path / "config"
+    tiny_pipe("sd1").save_pretrained(folder)
+    shutil.copytree(
+        get_family("sd1").config_dir / "feature_extractor", folder / "feature_extractor"
+    )
+    _declare(folder, "feature_extractor", ["transformers", "CLIPFeatureExtractor"])
+    file = save_original_checkpoint(tiny_pipe("sd1"), tmp_path / "m.safetensors")
+    pipe = load_pipeline(file, config_dir=folder)
+    assert "CLIPImageProcessor" in type(pipe.feature_extractor).__name__
