@@ -193,10 +193,10 @@ def _download(repo_id: str) -> Path:
     except (OSError, ValueError) as exc:  # huggingface_hub's errors derive from these
         reason = _first_line(exc)
         raise SdtuneError(
-            f"cannot fetch '{repo_id}': it is not a local path and not in the Hugging Face cache, "
-            f"and the Hub cannot be reached ({reason}); download it with "
-            f"`hf download {repo_id}` (or `huggingface-cli download {repo_id}`) on a machine with "
-            "network, or pass a local folder / .safetensors file"
+            f"cannot fetch '{repo_id}': it is not a local path, not in the Hugging Face cache, "
+            f"and the Hub cannot be reached; download it with `hf download {repo_id}` "
+            f"(or `huggingface-cli download {repo_id}`) on a machine with network, or pass a local "
+            f"folder / .safetensors file [hub: {reason}]"
         ) from None
 
 

@@ -27,12 +27,13 @@ from sdtune.data.dataset import ImageCaptionDataset
 from sdtune.data.sources import ScanReport, scan_image_folder
 from sdtune.errors import SdtuneError
 from sdtune.train.objectives import compute_loss, compute_noisy_latents, compute_target
-from sdtune.train.outputs import prepare_output_dir
+from sdtune.train.outputs import check_output_dir, prepare_output_dir
 
 logger = logging.getLogger("sdtune.train")
 
 # Families whose U-Net takes only the noisy latents (4 channels); the others need extra inputs.
 TRAINABLE_FAMILIES = ("sd1", "sd2-base", "sd2-v")
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -114,14 +115,43 @@ def training_step(batch, pipe, unet, text_encoder, alphas_cumprod, prediction_ty
     return compute_loss(prediction, target)
 
 
+def check_inputs(cfg: RunConfig) -> ScanReport:
+    """Everything that can be checked before the (slow) model load: data, output folder, batch."""
+    report = scan_dataset(cfg)
+    check_output_dir(cfg.output.dir, cfg.output.overwrite)
+    images = len(report.samples) * cfg.data.repeats
+    if images < cfg.train.batch_size:
+        raise SdtuneError(
+            f"train.batch_size is {cfg.train.batch_size} but the dataset has only {images} "
+            "images (with repeats); lower train.batch_size or raise data.repeats"
+        )
+    return report
+
+
+def load_base(cfg: RunConfig):
+    """The base pipeline and its family; only families with plain 4-channel U-Nets train."""
+    from sdtune.models.families import detect_family
+    from sdtune.models.loading import load_pipeline
+
+    pipe = load_pipeline(cfg.model.path, family=cfg.model.family)
+    family = detect_family(pipe)
+    if family.name not in TRAINABLE_FAMILIES:
+        raise SdtuneError(
+            f"training a LoRA on the '{family.name}' family is not supported yet; "
+            f"supported: {', '.join(TRAINABLE_FAMILIES)}"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, family
+
+
 def train(cfg: RunConfig) -> TrainResult:
     """Run the training described by `cfg` and save the adapter; see the module docstring."""
     from diffusers.optimization import get_scheduler
 
-    from sdtune.models.families import detect_family
-    from sdtune.models.loading import load_pipeline
-
-    report = scan_dataset(cfg)  # a missing or empty dataset fails before any model loads
+    # The run folder is made only after the model loaded, so a wrong model path leaves
+    # nothing behind that would block the retry.
+    report = check_inputs(cfg)
+    pipe, family = load_base(cfg)
     out = prepare_output_dir(cfg.output.dir, cfg.output.overwrite)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
@@ -133,30 +163,14 @@ def train(cfg: RunConfig) -> TrainResult:
         save_config(cfg, out / "config.yaml")
         logger.info("data: %s", report.summary())
     set_seed(cfg.train.seed)
-
-    pipe = load_pipeline(cfg.model.path, family=cfg.model.family)
-    family = detect_family(pipe)
-    if family.name not in TRAINABLE_FAMILIES:
-        raise SdtuneError(
-            f"training a LoRA on the '{family.name}' family is not supported yet; "
-            f"supported: {', '.join(TRAINABLE_FAMILIES)}"
-        )
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        cfg.train.mixed_precision, torch.float32
-    )
+    dtype = HALF_DTYPES.get(cfg.train.mixed_precision, torch.float32)
     pipe.to(accelerator.device)
     if dtype != torch.float32:  # frozen base in half precision; the LoRA weights stay fp32
         pipe.to(dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
     param_groups = add_lora_adapters(pipe, cfg)
     prediction_type = cfg.train.prediction_type or pipe.scheduler.config.prediction_type
     alphas_cumprod = _alphas_cumprod(pipe.scheduler).to(accelerator.device)
 
-    if len(report.samples) * cfg.data.repeats < cfg.train.batch_size:
-        raise SdtuneError(
-            f"train.batch_size is {cfg.train.batch_size} but the dataset has only "
-            f"{len(report.samples) * cfg.data.repeats} images (with repeats); lower the batch size"
-        )
     dataloader = build_dataloader(report.samples, cfg, pipe.tokenizer)
     optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.train.weight_decay)
     lr_scheduler = get_scheduler(
@@ -203,12 +217,8 @@ def train(cfg: RunConfig) -> TrainResult:
 
     adapter_path = _save(accelerator, pipe, cfg, family, out, step)
     accelerator.end_training()
-    pipe.unet, pipe.text_encoder = (
-        accelerator.unwrap_model(unet),
-        accelerator.unwrap_model(text_encoder),
-    )
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
+    pipe.unet = accelerator.unwrap_model(unet).eval()
+    pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
     if cfg.output.sample_prompt and accelerator.is_main_process:
         _save_sample(pipe, cfg, out / "samples")
     return TrainResult(out, adapter_path, step, last_loss, pipe)

@@ -61,6 +61,7 @@ def test_model_path_that_does_not_exist(tmp_path, star_images):
         f"output.dir={tmp_path / 'out'}",
     )
     _assert_one_line_error(proc, "no-model")
+    assert not (tmp_path / "out").exists(), "a failed model load left a run folder behind"
 
 
 def test_generate_with_missing_adapter(tmp_path, tiny_sd1_dir):
