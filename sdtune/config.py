@@ -32,6 +32,9 @@ class ModelConfig:
         "", "base model: a diffusers folder, a hub id, or one .safetensors/.ckpt file"
     )
     family: str | None = option(None, "model family (sd1, sd2-base, sd2-v, ...); detected if unset")
+    config_dir: str | None = option(
+        None, "diffusers config folder for a single-file checkpoint of a non-standard architecture"
+    )
 
 
 @dataclass

@@ -133,7 +133,7 @@ def load_base(cfg: RunConfig):
     from sdtune.models.families import detect_family
     from sdtune.models.loading import load_pipeline
 
-    pipe = load_pipeline(cfg.model.path, family=cfg.model.family)
+    pipe = load_pipeline(cfg.model.path, family=cfg.model.family, config_dir=cfg.model.config_dir)
     family = detect_family(pipe)
     if family.name not in TRAINABLE_FAMILIES:
         raise SdtuneError(
@@ -261,6 +261,7 @@ def _save(accelerator, pipe, cfg: RunConfig, family, folder: Path, step: int) ->
         info = {
             "family": family.name,
             "base_model": cfg.model.path,
+            "prediction_type": cfg.train.prediction_type or pipe.scheduler.config.prediction_type,
             "rank": cfg.lora.rank,
             "alpha": cfg.lora.alpha,
             "unet_targets": resolve_unet_targets(cfg.lora.unet_targets),

@@ -119,3 +119,44 @@ def test_a_second_run_into_the_same_folder_is_refused(trained, tiny_sd1_dir, sta
     with pytest.raises(SdtuneError, match="already holds files"):
         train(cfg)
     assert trained.adapter_path.read_bytes() == before
+
+
+def test_trains_from_a_single_file_checkpoint_and_on_v_prediction(tmp_path, star_images):
+    """The two other ways in: an original-layout .safetensors base, and an SD 2 768-v base."""
+    from sdtune.models.original_layout import save_original_checkpoint
+    from sdtune.models.tiny import build_tiny_pipeline
+
+    sd1 = build_tiny_pipeline("sd1", seed=1)
+    sd1.save_pretrained(tmp_path / "sd1-configs")
+    checkpoint = save_original_checkpoint(sd1, tmp_path / "base.safetensors")
+    build_tiny_pipeline("sd2-v", seed=1).save_pretrained(tmp_path / "sd2v")
+    common = {
+        "data.dir": str(star_images),
+        "data.resolution": 64,
+        "train.max_steps": 2,
+        "train.batch_size": 2,
+    }
+    single = train(
+        load_config(
+            None,
+            {
+                **common,
+                "model.path": str(checkpoint),
+                "model.config_dir": str(tmp_path / "sd1-configs"),
+                "output.dir": str(tmp_path / "a"),
+            },
+        )
+    )
+    assert read_adapter_metadata(single.adapter_path)["base_model"] == str(checkpoint)
+    v_run = train(
+        load_config(
+            None,
+            {**common, "model.path": str(tmp_path / "sd2v"), "output.dir": str(tmp_path / "b")},
+        )
+    )
+    assert read_adapter_metadata(v_run.adapter_path)["family"] == "sd2-v"
+    assert (
+        json.loads(read_adapter_metadata(v_run.adapter_path)["config"])["train"]["prediction_type"]
+        is None
+    )
+    assert v_run.pipeline.scheduler.config.prediction_type == "v_prediction"
