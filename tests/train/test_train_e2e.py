@@ -155,8 +155,7 @@ def test_trains_from_a_single_file_checkpoint_and_on_v_prediction(tmp_path, star
         )
     )
     assert read_adapter_metadata(v_run.adapter_path)["family"] == "sd2-v"
-    assert (
-        json.loads(read_adapter_metadata(v_run.adapter_path)["config"])["train"]["prediction_type"]
-        is None
+    assert read_adapter_metadata(v_run.adapter_path)["prediction_type"] == "v_prediction"
+    assert read_adapter_metadata(single.adapter_path)["prediction_type"] == "epsilon"
     )
     assert v_run.pipeline.scheduler.config.prediction_type == "v_prediction"
