@@ -157,5 +157,4 @@ def test_trains_from_a_single_file_checkpoint_and_on_v_prediction(tmp_path, star
     assert read_adapter_metadata(v_run.adapter_path)["family"] == "sd2-v"
     assert read_adapter_metadata(v_run.adapter_path)["prediction_type"] == "v_prediction"
     assert read_adapter_metadata(single.adapter_path)["prediction_type"] == "epsilon"
-    )
     assert v_run.pipeline.scheduler.config.prediction_type == "v_prediction"
