@@ -17,6 +17,7 @@ from sdtune.errors import SdtuneError
 SUBCOMMANDS = {
     "train": ("train", "train a LoRA from a recipe and key=value overrides"),
     "generate": ("generate", "generate images with a base model and LoRA adapters"),
+    "inspect": ("inspect", "show what an adapter file holds: format, family, ranks, metadata"),
     "demo": ("demo", "train and sample a LoRA on a built-in tiny model, end to end"),
 }
 

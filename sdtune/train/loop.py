@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
+from sdtune.adapters.card import write_model_card
 from sdtune.adapters.io import save_adapter
 from sdtune.adapters.lora import (
     TEXT_ENCODER_TARGETS,
@@ -219,12 +220,16 @@ def train(cfg: RunConfig) -> TrainResult:
     accelerator.end_training()
     pipe.unet = accelerator.unwrap_model(unet).eval()
     pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
-    if cfg.output.sample_prompt and accelerator.is_main_process:
-        _save_sample(pipe, cfg, out / "samples")
+    if accelerator.is_main_process:
+        samples = [_save_sample(pipe, cfg, out / "samples")] if cfg.output.sample_prompt else []
+        card = write_model_card(
+            out, adapter_info(cfg, pipe, family, step), [p.relative_to(out) for p in samples]
+        )
+        logger.info("model card %s", card)
     return TrainResult(out, adapter_path, step, last_loss, pipe)
 
 
-def _save_sample(pipe, cfg: RunConfig, folder: Path) -> None:
+def _save_sample(pipe, cfg: RunConfig, folder: Path) -> Path:
     """One image from the trained adapter, so the run folder shows what was learned."""
     from sdtune.generate.outputs import GenerationParams, save_png
     from sdtune.generate.txt2img import generate_images
@@ -244,7 +249,9 @@ def _save_sample(pipe, cfg: RunConfig, folder: Path) -> None:
         scheduler=type(pipe.scheduler).__name__,
         model=cfg.model.path,
     )
-    logger.info("sample image %s", save_png(image, folder, params, stem=f"seed{seed}"))
+    path = save_png(image, folder, params, stem=f"seed{seed}")
+    logger.info("sample image %s", path)
+    return path
 
 
 def _alphas_cumprod(scheduler) -> torch.Tensor:
@@ -258,19 +265,7 @@ def _save(accelerator, pipe, cfg: RunConfig, family, folder: Path, step: int) ->
     accelerator.wait_for_everyone()
     path = folder / "pytorch_lora_weights.safetensors"
     if accelerator.is_main_process:
-        info = {
-            "family": family.name,
-            "base_model": cfg.model.path,
-            "prediction_type": cfg.train.prediction_type or pipe.scheduler.config.prediction_type,
-            "rank": cfg.lora.rank,
-            "alpha": cfg.lora.alpha,
-            "unet_targets": resolve_unet_targets(cfg.lora.unet_targets),
-            "text_encoder": cfg.lora.train_text_encoder,
-            "trigger": cfg.data.trigger,
-            "resolution": cfg.data.resolution,
-            "steps": step,
-            "config": config_to_dict(cfg),
-        }
+        info = adapter_info(cfg, pipe, family, step)
         unet = accelerator.unwrap_model(pipe.unet)
         text_encoder = (
             accelerator.unwrap_model(pipe.text_encoder) if cfg.lora.train_text_encoder else None
@@ -279,3 +274,20 @@ def _save(accelerator, pipe, cfg: RunConfig, family, folder: Path, step: int) ->
         logger.info("saved adapter %s", path)
     accelerator.wait_for_everyone()
     return path
+
+
+def adapter_info(cfg: RunConfig, pipe, family, step: int) -> dict:
+    """What the adapter's header and model card say about how it was made."""
+    return {
+        "family": family.name,
+        "base_model": cfg.model.path,
+        "prediction_type": cfg.train.prediction_type or pipe.scheduler.config.prediction_type,
+        "rank": cfg.lora.rank,
+        "alpha": cfg.lora.alpha,
+        "unet_targets": resolve_unet_targets(cfg.lora.unet_targets),
+        "text_encoder": cfg.lora.train_text_encoder,
+        "trigger": cfg.data.trigger,
+        "resolution": cfg.data.resolution,
+        "steps": step,
+        "config": config_to_dict(cfg),
+    }

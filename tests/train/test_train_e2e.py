@@ -55,6 +55,8 @@ def test_run_folder_holds_adapter_config_and_logs(trained):
     meta = read_adapter_metadata(trained.adapter_path)
     assert meta["family"] == "sd1" and meta["rank"] == "4" and meta["alpha"] == "8.0"
     assert json.loads(meta["config"])["data"]["trigger"] == ""
+    card = (trained.output_dir / "README.md").read_text()
+    assert card.startswith("---\n") and "pytorch_lora_weights.safetensors" in card
 
 
 def test_only_lora_tensors_are_saved_for_unet_and_text_encoder(trained):

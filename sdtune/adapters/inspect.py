@@ -1,0 +1,165 @@
+"""What an adapter file holds: format, family, targets, ranks, alphas, size and metadata.
+
+Works on sdtune's files and on foreign ones (diffusers, PEFT, kohya/A1111), reading only the
+safetensors header and the LoRA down-projection shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import safe_open
+
+from sdtune.adapters.io import METADATA_PREFIX, resolve_adapter_path
+from sdtune.errors import SdtuneError
+
+# The down-projection (rank x in) of each LoRA pair, in every naming people use.
+_DOWN = re.compile(
+    r"(\.lora_down\.weight|\.lora\.down\.weight|\.lora_linear_layer\.down\.weight"
+    r"|\.lora_A\.weight|\.lora_A\.default\.weight)$"
+)
+# kohya names the text encoder of SD 1 `lora_te_`, diffusers `text_encoder.`; both have q/k/v.
+_TEXT_PREFIXES = ("lora_te_", "lora_te1_", "text_encoder.", "te.")
+
+
+@dataclass
+class AdapterSummary:
+    path: Path
+    format: str  # "diffusers", "peft" or "kohya"
+    family: str  # "sd1"/"sd2-*" from sdtune's header, else "sd1"/"sd2" guessed from shapes
+    parameters: int
+    modules: int
+    ranks: Counter = field(default_factory=Counter)
+    alphas: Counter = field(default_factory=Counter)
+    targets: Counter = field(
+        default_factory=Counter
+    )  # module kind -> count (to_q, attn2.to_k, ...)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def format_table(self) -> str:
+        def counts(c: Counter) -> str:
+            return ", ".join(f"{k} x{n}" for k, n in sorted(c.items(), key=str)) or "-"
+
+        lines = [
+            f"file        {self.path}",
+            f"format      {self.format}",
+            f"family      {self.family}",
+            f"modules     {self.modules} adapted, {self.parameters:,} parameters",
+            f"ranks       {counts(self.ranks)}",
+            f"alphas      {counts(self.alphas)}",
+            f"targets     {counts(self.targets)}",
+        ]
+        if self.metadata:
+            lines.append("metadata")
+            for key, value in sorted(self.metadata.items()):
+                shown = value if len(value) <= 100 else value[:97] + "..."
+                lines.append(f"  {key:<28} {shown}")
+        return "\n".join(lines)
+
+
+def detect_format(keys: list[str]) -> str:
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        return "kohya"
+    if any(k.startswith("base_model.model.") for k in keys):
+        return "peft"
+    if any(k.startswith(("unet.", "text_encoder.")) for k in keys):
+        return "diffusers"
+    raise SdtuneError(
+        "no LoRA keys found (expected lora_unet_*/lora_te_* (kohya), unet.*/text_encoder.* "
+        "(diffusers) or base_model.model.* (PEFT))"
+    )
+
+
+_ATTN_KIND = re.compile(r"(attn[12])[._](to_q|to_k|to_v|to_out)")
+_OTHER_KIND = re.compile(
+    r"(q_proj|k_proj|v_proj|out_proj|fc1|fc2|proj_in|proj_out|conv_shortcut"
+    r"|conv1|conv2|ff[._]net)"
+)
+
+
+def _module_kind(module: str) -> str:
+    """`...transformer_blocks.0.attn2.to_k` -> `unet attn2.to_k`; kohya's `_` names alike."""
+    part = "text" if module.startswith(_TEXT_PREFIXES) else "unet"
+    match = _ATTN_KIND.search(module)
+    if match:
+        return f"{part} {match[1]}.{match[2]}"
+    match = _OTHER_KIND.search(module)
+    return f"{part} {match[1] if match else module.rsplit('.', 1)[-1]}"
+
+
+def inspect_adapter(path: str | Path) -> AdapterSummary:
+    path = resolve_adapter_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            header = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            # kohya stores one scalar alpha per module: cheap to read.
+            alphas = {
+                k[: -len(".alpha")]: f"{f.get_tensor(k).item():g}"
+                for k in keys
+                if k.endswith(".alpha")
+            }
+    except Exception as exc:  # safetensors raises its own error types for torn files
+        raise SdtuneError(f"'{path}' is not a readable safetensors file: {exc}") from None
+    summary = AdapterSummary(
+        path=path,
+        format=detect_format(keys),
+        family="unknown",
+        parameters=sum(_numel(s) for s in shapes.values()),
+        modules=0,
+        metadata={
+            k[len(METADATA_PREFIX) :] if k.startswith(METADATA_PREFIX) else k: v
+            for k, v in header.items()
+            if k != "format"
+        },
+    )
+    peft_alpha = _peft_alphas(header)
+    for key in keys:
+        match = _DOWN.search(key)
+        if not match:
+            continue
+        module = key[: match.start()]
+        rank = shapes[key][0]
+        summary.modules += 1
+        summary.ranks[rank] += 1
+        summary.targets[_module_kind(module)] += 1
+        if module in alphas:
+            summary.alphas[alphas[module]] += 1
+        else:
+            part = "text_encoder" if module.startswith(_TEXT_PREFIXES) else "unet"
+            summary.alphas[peft_alpha.get(part, "= rank (none stored)")] += 1
+    summary.family = summary.metadata.get("family") or _guess_family(keys, shapes)
+    return summary
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _peft_alphas(header: dict[str, str]) -> dict[str, str]:
+    raw = header.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    meta = json.loads(raw)
+    return {
+        part: f"{meta[part + '.lora_alpha']:g}"
+        for part in ("unet", "text_encoder")
+        if part + ".lora_alpha" in meta
+    }
+
+
+def _guess_family(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> str:
+    """SD 1 and SD 2 differ in the text width the cross-attention keys read: 768 vs 1024."""
+    for key in keys:
+        if _DOWN.search(key) and re.search(r"attn2[._]to_k", key):
+            width = shapes[key][1]
+            return {768: "sd1", 1024: "sd2"}.get(width, f"unknown (cross-attention width {width})")
+    return "unknown"
