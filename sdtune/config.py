@@ -50,6 +50,13 @@ class DataConfig:
     center_crop: bool = option(True, "crop the centre (true) or a random square (false)")
     random_flip: bool = option(False, "flip images left-right at random")
     repeats: int = option(1, "times each image is seen per epoch")
+    shuffle_tags: bool = option(False, "shuffle the caption's tags each epoch (after keep_tags)")
+    keep_tags: int = option(0, "leading tags never shuffled or dropped (1 keeps the trigger)")
+    tag_separator: str = option(",", "what separates tags in a caption")
+    tag_dropout: float = option(0.0, "chance of dropping each tag after keep_tags, per epoch")
+    caption_dropout: float = option(
+        0.0, "chance of an empty caption per item and epoch (trains the unconditional case)"
+    )
 
 
 @dataclass
@@ -249,6 +256,10 @@ def validate_config(cfg: RunConfig) -> None:
             "must be a positive multiple of 8",
         ),
         (cfg.data.repeats >= 1, "data.repeats", "must be at least 1"),
+        (cfg.data.keep_tags >= 0, "data.keep_tags", "must be 0 or more"),
+        (cfg.data.tag_separator != "", "data.tag_separator", "must not be empty"),
+        (0.0 <= cfg.data.tag_dropout <= 1.0, "data.tag_dropout", "must be in [0, 1]"),
+        (0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]"),
         (cfg.lora.rank >= 1, "lora.rank", "must be at least 1"),
         (cfg.lora.alpha > 0, "lora.alpha", "must be positive"),
         (0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),

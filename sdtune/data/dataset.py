@@ -1,22 +1,38 @@
-"""The torch Dataset the training loop reads: (pixel tensor, caption) per item."""
+"""The torch Dataset the training loop reads: (pixel tensor, caption) per item.
+
+How an item knows its epoch: `EpochShuffleSampler` yields `epoch * len(dataset) + i` for a seeded
+permutation of `i`, and the Dataset splits that back into (epoch, i). So the caption of item `i`
+in epoch `e` depends only on (seed, e, i), in the main process or in any worker, and the loop
+needs no epoch bookkeeping: each pass over the data loader is the next epoch. `i` counts repeats
+(`len(dataset) = images * repeats`), so two repeats of one image get different captions.
+"""
 
 from __future__ import annotations
 
+import logging
 import random
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
-from sdtune.data.images import load_image
+from sdtune.data.captions import CaptionAugment, caption_rng
+from sdtune.data.images import ImageDecodeError, load_image
 from sdtune.data.sources import Sample
 from sdtune.data.transforms import resize_and_crop, to_tensor
+from sdtune.errors import SdtuneError
+
+logger = logging.getLogger("sdtune.data")
 
 
 class ImageCaptionDataset(Dataset):
-    """Samples repeated `repeats` times; crops and flips are seeded per item and epoch-free.
+    """Samples repeated `repeats` times; crops and flips seeded per item, captions per epoch too.
 
-    Randomness comes from `seed` and the item index, so a given index always yields the same
-    tensor: data order is the sampler's job, and the sampler is seeded by the loop.
+    Crops and flips come from `seed` and the item index (the same every epoch); caption
+    augmentation comes from (seed, epoch, item index), see the module docstring. An image that
+    decoded at scan time but fails now (deleted, overwritten) is replaced by the next good item,
+    logged once and recorded in `failed`; the replacement is deterministic.
     """
 
     def __init__(
@@ -27,6 +43,7 @@ class ImageCaptionDataset(Dataset):
         random_flip: bool = False,
         repeats: int = 1,
         seed: int = 0,
+        augment: CaptionAugment | None = None,
     ) -> None:
         self.samples = samples
         self.resolution = resolution
@@ -34,15 +51,68 @@ class ImageCaptionDataset(Dataset):
         self.random_flip = random_flip
         self.repeats = repeats
         self.seed = seed
+        self.augment = augment or CaptionAugment()
+        self.failed: dict[Path, str] = {}  # per process: workers keep their own copy
 
     def __len__(self) -> int:
         return len(self.samples) * self.repeats
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        sample = self.samples[index % len(self.samples)]
+        epoch, index = divmod(index, len(self))
+        sample, image = self._load_with_fallback(index)
         rng = random.Random(self.seed * 1_000_003 + index)
-        img = resize_and_crop(load_image(sample.image_path), self.resolution, self.center_crop, rng)
+        img = resize_and_crop(image, self.resolution, self.center_crop, rng)
         pixels = to_tensor(img)
         if self.random_flip and rng.random() < 0.5:
             pixels = pixels.flip(-1)
-        return {"pixel_values": pixels, "caption": sample.caption}
+        caption = sample.caption
+        if self.augment.active:
+            caption = self.augment.apply(caption, caption_rng(self.seed, epoch, index))
+        return {"pixel_values": pixels, "caption": caption}
+
+    def _load_with_fallback(self, index: int):
+        """The item's image, or the next sample (in index order) that still decodes."""
+        n = len(self.samples)
+        for step in range(n):
+            sample = self.samples[(index + step) % n]
+            if sample.image_path in self.failed:
+                continue
+            try:
+                return sample, load_image(sample.image_path)
+            except ImageDecodeError as exc:
+                self.failed[sample.image_path] = str(exc)
+                logger.warning(
+                    "skipping %s during training (it decoded at scan time): %s; "
+                    "using the next image instead",
+                    sample.image_path,
+                    exc,
+                )
+        raise SdtuneError(
+            f"none of the {n} dataset images decodes any more (first: {self.samples[0].image_path})"
+        )
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A seeded shuffle per epoch that tells the dataset the epoch: yields `epoch * size + i`.
+
+    Each `iter()` is the next epoch. `set_epoch` (called by accelerate before each pass, or by
+    a resumed run) sets the epoch of the next pass, so both ways of counting agree.
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        order = torch.randperm(
+            self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        )
+        return iter((order + epoch * self.size).tolist())

@@ -35,6 +35,7 @@ def scan_image_folder(
     recursive: bool = True,
     caption_template: str = "{trigger}",
     trigger: str = "",
+    tag_separator: str = ",",
 ) -> ScanReport:
     """Find every decodable image under `folder` and its caption; list the ones that fail."""
     root = Path(folder)
@@ -53,7 +54,8 @@ def scan_image_folder(
         except ImageDecodeError as exc:
             report.skipped.append((path, str(exc)))
             continue
-        caption = build_caption(read_sidecar(path, caption_ext), path, caption_template, trigger)
+        raw = read_sidecar(path, caption_ext)
+        caption = build_caption(raw, path, caption_template, trigger, tag_separator)
         report.samples.append(Sample(path, caption))
     if not report.samples:
         found = f"{len(paths)} image files, none decodable" if paths else "no image files"

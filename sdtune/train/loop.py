@@ -24,7 +24,8 @@ from sdtune.adapters.lora import (
     resolve_unet_targets,
 )
 from sdtune.config import RunConfig, config_to_dict, save_config
-from sdtune.data.dataset import ImageCaptionDataset
+from sdtune.data.captions import CaptionAugment, warn_long_captions
+from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset
 from sdtune.data.sources import ScanReport, scan_image_folder
 from sdtune.errors import SdtuneError
 from sdtune.train.objectives import compute_loss, compute_noisy_latents, compute_target
@@ -48,7 +49,9 @@ class TrainResult:
 
 def scan_dataset(cfg: RunConfig) -> ScanReport:
     d = cfg.data
-    return scan_image_folder(d.dir, d.caption_ext, d.recursive, d.caption_template, d.trigger)
+    return scan_image_folder(
+        d.dir, d.caption_ext, d.recursive, d.caption_template, d.trigger, d.tag_separator
+    )
 
 
 def add_lora_adapters(pipe, cfg: RunConfig) -> list[dict]:
@@ -78,8 +81,15 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def build_dataloader(samples, cfg: RunConfig, tokenizer) -> DataLoader:
     d = cfg.data
     dataset = ImageCaptionDataset(
-        samples, d.resolution, d.center_crop, d.random_flip, d.repeats, cfg.train.seed
+        samples,
+        d.resolution,
+        d.center_crop,
+        d.random_flip,
+        d.repeats,
+        cfg.train.seed,
+        augment=CaptionAugment.from_config(d),
     )
+    warn_long_captions([s.caption for s in samples], [s.image_path for s in samples], tokenizer)
 
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:
         captions = [item["caption"] for item in items]
@@ -95,10 +105,9 @@ def build_dataloader(samples, cfg: RunConfig, tokenizer) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=cfg.train.batch_size,
-        shuffle=True,
+        sampler=EpochShuffleSampler(len(dataset), cfg.train.seed),
         collate_fn=collate,
         num_workers=cfg.train.num_workers,
-        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
 
 
