@@ -65,9 +65,21 @@ class LoraConfig:
     alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank")
     dropout: float = option(0.0, "dropout on the LoRA branch")
     unet_targets: str = option(
-        "attn", "U-Net modules to adapt: a preset (attn, cross-attn) or comma-separated names"
+        "attn",
+        "U-Net modules: a preset (attn, cross-attn, attn-ff, locon), re:<regex>, or names a,b,c",
     )
-    train_text_encoder: bool = option(False, "also train a LoRA on the text encoder attention")
+    train_text_encoder: bool = option(False, "also train a LoRA on the text encoder")
+    text_encoder_targets: str = option(
+        "attn", "text-encoder modules: a preset (attn, attn-mlp), re:<regex>, or names a,b,c"
+    )
+    text_encoder_rank: int | None = option(None, "rank of the text-encoder LoRA; defaults to rank")
+    text_encoder_alpha: float | None = option(
+        None, "alpha of the text-encoder LoRA; defaults to alpha"
+    )
+    use_dora: bool = option(False, "weight-decomposed LoRA (DoRA, Liu et al. 2024)")
+    init: str = option(
+        "gaussian", "initialisation of the A matrix (B starts at zero)", ("gaussian", "kaiming")
+    )
 
 
 @dataclass
@@ -262,6 +274,16 @@ def validate_config(cfg: RunConfig) -> None:
         (0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]"),
         (cfg.lora.rank >= 1, "lora.rank", "must be at least 1"),
         (cfg.lora.alpha > 0, "lora.alpha", "must be positive"),
+        (
+            cfg.lora.text_encoder_rank is None or cfg.lora.text_encoder_rank >= 1,
+            "lora.text_encoder_rank",
+            "must be at least 1",
+        ),
+        (
+            cfg.lora.text_encoder_alpha is None or cfg.lora.text_encoder_alpha > 0,
+            "lora.text_encoder_alpha",
+            "must be positive",
+        ),
         (0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
         (cfg.train.max_steps >= 1, "train.max_steps", "must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1"),

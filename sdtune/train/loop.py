@@ -18,9 +18,11 @@ from torch.utils.data import DataLoader
 from sdtune.adapters.card import write_model_card
 from sdtune.adapters.io import save_adapter
 from sdtune.adapters.lora import (
-    TEXT_ENCODER_TARGETS,
+    TEXT_ENCODER_TARGET_PRESETS,
+    UNET_TARGET_PRESETS,
     build_lora_config,
     check_targets_matched,
+    resolve_text_encoder_targets,
     resolve_unet_targets,
 )
 from sdtune.config import RunConfig, config_to_dict, save_config
@@ -60,11 +62,26 @@ def add_lora_adapters(pipe, cfg: RunConfig) -> list[dict]:
         part.requires_grad_(False)
     lora = cfg.lora
     unet_targets = resolve_unet_targets(lora.unet_targets)
-    check_targets_matched(pipe.unet, unet_targets, "U-Net")
-    pipe.unet.add_adapter(build_lora_config(lora.rank, lora.alpha, lora.dropout, unet_targets))
+    check_targets_matched(pipe.unet, unet_targets, "U-Net", UNET_TARGET_PRESETS)
+    pipe.unet.add_adapter(
+        build_lora_config(
+            lora.rank, lora.alpha, lora.dropout, unet_targets, lora.use_dora, lora.init
+        )
+    )
     groups = [{"params": _trainable(pipe.unet), "lr": cfg.train.learning_rate}]
     if lora.train_text_encoder:
-        te_config = build_lora_config(lora.rank, lora.alpha, lora.dropout, TEXT_ENCODER_TARGETS)
+        te_targets = resolve_text_encoder_targets(lora.text_encoder_targets)
+        check_targets_matched(
+            pipe.text_encoder, te_targets, "text-encoder", TEXT_ENCODER_TARGET_PRESETS
+        )
+        te_config = build_lora_config(
+            lora.text_encoder_rank or lora.rank,
+            lora.text_encoder_alpha or lora.alpha,
+            lora.dropout,
+            te_targets,
+            lora.use_dora,
+            lora.init,
+        )
         pipe.text_encoder.add_adapter(te_config)
         te_lr = cfg.train.text_encoder_learning_rate or cfg.train.learning_rate
         groups.append({"params": _trainable(pipe.text_encoder), "lr": te_lr})
