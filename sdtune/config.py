@@ -50,6 +50,11 @@ class DataConfig:
     center_crop: bool = option(True, "crop the centre (true) or a random square (false)")
     random_flip: bool = option(False, "flip images left-right at random")
     repeats: int = option(1, "times each image is seen per epoch")
+    image_column: str = option("file_name", "metadata.jsonl/csv column naming the image file")
+    caption_column: str = option("text", "metadata.jsonl/csv column holding the caption")
+    allow_outside_paths: bool = option(
+        False, "let metadata name images outside data.dir (../x.png or absolute paths)"
+    )
     shuffle_tags: bool = option(False, "shuffle the caption's tags each epoch (after keep_tags)")
     keep_tags: int = option(0, "leading tags never shuffled or dropped (1 keeps the trigger)")
     tag_separator: str = option(",", "what separates tags in a caption")
@@ -268,6 +273,8 @@ def validate_config(cfg: RunConfig) -> None:
             "must be a positive multiple of 8",
         ),
         (cfg.data.repeats >= 1, "data.repeats", "must be at least 1"),
+        (cfg.data.image_column != "", "data.image_column", "must name a column"),
+        (cfg.data.caption_column != "", "data.caption_column", "must name a column"),
         (cfg.data.keep_tags >= 0, "data.keep_tags", "must be 0 or more"),
         (cfg.data.tag_separator != "", "data.tag_separator", "must not be empty"),
         (0.0 <= cfg.data.tag_dropout <= 1.0, "data.tag_dropout", "must be in [0, 1]"),

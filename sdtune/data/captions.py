@@ -36,9 +36,9 @@ _EXAMPLES = 5  # file names shown per kind of caption problem in the report
 class CaptionNotes:
     """Caption files that needed fixing, so the report can say what was changed and where."""
 
-    not_utf8: list[Path] = field(default_factory=list)
-    control_chars: list[Path] = field(default_factory=list)
-    empty: list[Path] = field(default_factory=list)
+    not_utf8: list[str] = field(default_factory=list)
+    control_chars: list[str] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         kinds = [
@@ -49,7 +49,7 @@ class CaptionNotes:
         out = []
         for paths, what in kinds:
             if paths:
-                names = ", ".join(str(p) for p in paths[:_EXAMPLES])
+                names = ", ".join(paths[:_EXAMPLES])
                 more = f" and {len(paths) - _EXAMPLES} more" if len(paths) > _EXAMPLES else ""
                 out.append(f"  {len(paths)} captions {what}: {names}{more}")
         return out
@@ -81,17 +81,17 @@ def clean_caption(text: str) -> tuple[str, bool]:
 
 
 def clean_caption_from(
-    text: str, source: Path, notes: CaptionNotes | None, was_utf8: bool = True
+    text: str, source: str | Path, notes: CaptionNotes | None, was_utf8: bool = True
 ) -> str | None:
     """Clean one caption and record what was wrong with it; None when nothing is left."""
     cleaned, had_controls = clean_caption(text)
     if notes is not None:
         if not was_utf8:
-            notes.not_utf8.append(source)
+            notes.not_utf8.append(str(source))
         if had_controls:
-            notes.control_chars.append(source)
+            notes.control_chars.append(str(source))
         if not cleaned:
-            notes.empty.append(source)
+            notes.empty.append(str(source))
     return cleaned or None
 
 

@@ -26,6 +26,8 @@ def load_image(path: str | Path, background: tuple[int, int, int] = (255, 255, 2
     """Open an image as upright RGB: EXIF orientation applied, alpha composited on `background`."""
     path = Path(path)
     try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:

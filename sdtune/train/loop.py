@@ -28,7 +28,7 @@ from sdtune.adapters.lora import (
 from sdtune.config import RunConfig, config_to_dict, save_config
 from sdtune.data.captions import CaptionAugment, warn_long_captions
 from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset
-from sdtune.data.sources import ScanReport, scan_image_folder
+from sdtune.data.sources import ScanReport, scan_data_config
 from sdtune.errors import SdtuneError
 from sdtune.train.objectives import compute_loss, compute_noisy_latents, compute_target
 from sdtune.train.outputs import check_output_dir, prepare_output_dir
@@ -50,10 +50,7 @@ class TrainResult:
 
 
 def scan_dataset(cfg: RunConfig) -> ScanReport:
-    d = cfg.data
-    return scan_image_folder(
-        d.dir, d.caption_ext, d.recursive, d.caption_template, d.trigger, d.tag_separator
-    )
+    return scan_data_config(cfg.data)
 
 
 def add_lora_adapters(pipe, cfg: RunConfig) -> list[dict]:
