@@ -55,6 +55,10 @@ class DataConfig:
     allow_outside_paths: bool = option(
         False, "let metadata name images outside data.dir (../x.png or absolute paths)"
     )
+    dataset: str = option(
+        "", "a Hugging Face dataset (save_to_disk folder or cached name), used instead of dir"
+    )
+    dataset_split: str = option("train", "split of data.dataset to train on")
     shuffle_tags: bool = option(False, "shuffle the caption's tags each epoch (after keep_tags)")
     keep_tags: int = option(0, "leading tags never shuffled or dropped (1 keeps the trigger)")
     tag_separator: str = option(",", "what separates tags in a caption")
@@ -266,7 +270,11 @@ def validate_config(cfg: RunConfig) -> None:
     """Range checks that need no model: each failure names the key and the valid range."""
     checks = [
         (cfg.model.path != "", "model.path", "is required (a diffusers folder, hub id or file)"),
-        (cfg.data.dir != "", "data.dir", "is required (a folder of images)"),
+        (
+            cfg.data.dir != "" or cfg.data.dataset != "",
+            "data.dir",
+            "is required (a folder of images), or set data.dataset",
+        ),
         (
             cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0,
             "data.resolution",

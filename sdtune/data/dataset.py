@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from sdtune.data.captions import CaptionAugment, caption_rng
-from sdtune.data.images import ImageDecodeError, load_image
+from sdtune.data.images import ImageDecodeError
 from sdtune.data.sources import Sample
 from sdtune.data.transforms import resize_and_crop, to_tensor
 from sdtune.errors import SdtuneError
@@ -78,7 +78,7 @@ class ImageCaptionDataset(Dataset):
             if sample.image_path in self.failed:
                 continue
             try:
-                return sample, load_image(sample.image_path)
+                return sample, sample.load()
             except ImageDecodeError as exc:
                 self.failed[sample.image_path] = str(exc)
                 logger.warning(

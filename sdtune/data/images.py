@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
@@ -22,11 +23,14 @@ class ImageDecodeError(Exception):
     """An image that cannot be used for training, with the reason."""
 
 
-def load_image(path: str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Open an image as upright RGB: EXIF orientation applied, alpha composited on `background`."""
-    path = Path(path)
+def load_image(
+    path: str | Path | BinaryIO, background: tuple[int, int, int] = (255, 255, 255)
+) -> Image.Image:
+    """Open an image (a file or bytes) as upright RGB: EXIF orientation applied, alpha
+    composited on `background`."""
+    path = Path(path) if isinstance(path, str) else path
     try:
-        if path.stat().st_size == 0:
+        if isinstance(path, Path) and path.stat().st_size == 0:
             raise ImageDecodeError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

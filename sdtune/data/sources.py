@@ -1,4 +1,4 @@
-"""Where training images come from: a folder of images with caption sidecars or a metadata file.
+"""Where training images come from: a folder (sidecars or a metadata file) or a HF dataset.
 
 Every image is decoded once at scan time, so a bad file is named before the model loads, not
 halfway through training. Captions come from `metadata.jsonl`/`metadata.csv` for the images it
@@ -11,8 +11,12 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from PIL import Image
 
 from sdtune.data.captions import CaptionNotes, build_caption, read_sidecar
+from sdtune.data.hf import scan_hf_rows
 from sdtune.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_image
 from sdtune.data.metadata import MetadataEntry, find_metadata, read_metadata
 from sdtune.errors import SdtuneError
@@ -20,8 +24,12 @@ from sdtune.errors import SdtuneError
 
 @dataclass(frozen=True)
 class Sample:
-    image_path: Path
+    image_path: Path  # the file, or a label such as `data[train][3]` for a dataset row
     caption: str
+    ref: Any = None  # where the image is when it is not a file: an object with .load()
+
+    def load(self) -> Image.Image:
+        return self.ref.load() if self.ref is not None else load_image(self.image_path)
 
 
 @dataclass
@@ -47,8 +55,18 @@ class ScanReport:
 
 
 def scan_data_config(data_cfg) -> ScanReport:
-    """Scan the source a `DataConfig` describes."""
+    """Scan the source a `DataConfig` describes: a dataset if `dataset` is set, else `dir`."""
     d = data_cfg
+    if d.dataset:
+        return scan_hf_dataset(
+            d.dataset,
+            d.dataset_split,
+            d.image_column,
+            d.caption_column,
+            d.caption_template,
+            d.trigger,
+            d.tag_separator,
+        )
     return scan_image_folder(
         d.dir,
         d.caption_ext,
@@ -122,6 +140,40 @@ def scan_image_folder(
         report.samples.append(Sample(path, caption))
     if not report.samples:
         _raise_empty(root, len(shown), recursive)
+    return report
+
+
+def scan_hf_dataset(
+    source: str,
+    split: str = "train",
+    image_column: str = "image",
+    caption_column: str = "text",
+    caption_template: str = "{trigger}",
+    trigger: str = "",
+    tag_separator: str = ",",
+) -> ScanReport:
+    """Every row of a Hugging Face dataset whose image decodes, with its caption."""
+    report = ScanReport()
+    rows = scan_hf_rows(
+        source,
+        split,
+        image_column,
+        caption_column,
+        caption_template,
+        trigger,
+        tag_separator,
+        report.caption_notes,
+    )
+    for label, ref, text in rows:
+        if ref is None:
+            report.skipped.append((label, text))
+        else:
+            report.samples.append(Sample(label, text, ref))
+    if not report.samples:
+        raise SdtuneError(
+            f"data.dataset '{source}' split '{split}' has no usable images "
+            f"({len(report.skipped)} rows, none decodable)"
+        )
     return report
 
 
