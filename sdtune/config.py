@@ -94,15 +94,21 @@ class LoraConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = option(500, "optimizer steps to train for")
-    batch_size: int = option(1, "images per step on each process")
+    batch_size: int = option(1, "images per micro-batch on each process")
     gradient_accumulation_steps: int = option(1, "micro-batches summed before each optimizer step")
     learning_rate: float = option(1e-4, "learning rate of the U-Net LoRA")
     text_encoder_learning_rate: float | None = option(
         None, "learning rate of the text-encoder LoRA; defaults to learning_rate"
     )
+    optimizer: str = option(
+        "adamw",
+        "optimizer (8-bit ones need bitsandbytes)",
+        ("adamw", "adamw8bit", "lion8bit", "adafactor", "sgd"),
+    )
+    weight_decay: float = option(1e-2, "decoupled weight decay")
     lr_scheduler: str = option(
         "constant",
-        "learning-rate schedule",
+        "learning-rate schedule (all after warmup_steps of linear warm-up)",
         (
             "constant",
             "constant_with_warmup",
@@ -113,25 +119,47 @@ class TrainConfig:
         ),
     )
     warmup_steps: int = option(0, "steps of linear warm-up at the start")
-    weight_decay: float = option(1e-2, "AdamW weight decay")
+    lr_cycles: int = option(1, "restarts of cosine_with_restarts")
+    lr_power: float = option(1.0, "power of the polynomial schedule")
     max_grad_norm: float = option(1.0, "clip gradients to this norm; 0 turns clipping off")
-    mixed_precision: str = option("no", "autocast precision", ("no", "fp16", "bf16"))
+    loss_type: str = option("l2", "l2, or pseudo-Huber (robust to outliers)", ("l2", "huber"))
+    huber_c: float = option(0.1, "the Huber loss's c: where it turns from quadratic to linear")
+    min_snr_gamma: float | None = option(
+        None, "min-SNR loss weighting with this gamma (Hang et al. 2023; 5 is usual); off if unset"
+    )
+    noise_offset: float = option(0.0, "offset-noise strength (0.05-0.1 helps very dark/bright)")
+    input_perturbation: float = option(0.0, "input perturbation of the noise (Ning et al. 2023)")
+    zero_terminal_snr: bool = option(
+        False, "rescale the noise schedule to zero SNR at the last step (Lin et al. 2023)"
+    )
     prediction_type: str | None = option(
         None,
         "objective override; read from the model's scheduler if unset",
         ("epsilon", "v_prediction"),
     )
+    mixed_precision: str = option("no", "autocast precision", ("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = option(False, "recompute activations: less memory, ~30% slower")
+    tf32: bool = option(False, "allow TF32 matmuls on Ampere+ GPUs")
+    ema_decay: float = option(0.0, "EMA of the adapter weights with this decay; 0 turns it off")
+    on_nonfinite: str = option(
+        "stop", "on a NaN/Inf loss or gradient: stop the run, or skip that step", ("stop", "skip")
+    )
     seed: int = option(0, "seed of every random generator in the run")
     num_workers: int = option(0, "data-loader worker processes")
     log_every_n_steps: int = option(10, "steps between loss log lines")
-    save_every_n_steps: int = option(0, "steps between adapter snapshots; 0 saves only at the end")
+    checkpoint_every_n_steps: int = option(
+        0, "steps between resumable checkpoints; 0 saves only the final adapter"
+    )
+    keep_checkpoints: int = option(3, "newest checkpoints kept; 0 keeps all")
+    resume: str | None = option(None, "resume from 'latest' or a checkpoint folder")
 
 
 @dataclass
 class OutputConfig:
     dir: str = option("outputs/lora", "folder for the adapter, config, logs and samples")
     overwrite: bool = option(False, "allow writing into a folder that already holds a run")
-    sample_prompt: str = option("", "prompt for a sample image after training; none if empty")
+    sample_prompt: str = option("", "prompt of sample images during and after training")
+    sample_every_n_steps: int = option(0, "steps between sample images; 0: only at the end")
     sample_steps: int = option(25, "denoising steps of the sample image")
 
 
@@ -319,7 +347,24 @@ def validate_config(cfg: RunConfig) -> None:
         (cfg.train.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 or more"),
         (cfg.train.num_workers >= 0, "train.num_workers", "must be 0 or more"),
         (cfg.train.log_every_n_steps >= 1, "train.log_every_n_steps", "must be at least 1"),
-        (cfg.train.save_every_n_steps >= 0, "train.save_every_n_steps", "must be 0 or more"),
+        (
+            cfg.train.checkpoint_every_n_steps >= 0,
+            "train.checkpoint_every_n_steps",
+            "must be 0 or more",
+        ),
+        (cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints", "must be 0 or more"),
+        (cfg.train.lr_cycles >= 1, "train.lr_cycles", "must be at least 1"),
+        (cfg.train.lr_power > 0, "train.lr_power", "must be positive"),
+        (cfg.train.huber_c > 0, "train.huber_c", "must be positive"),
+        (
+            cfg.train.min_snr_gamma is None or cfg.train.min_snr_gamma > 0,
+            "train.min_snr_gamma",
+            "must be positive",
+        ),
+        (cfg.train.noise_offset >= 0, "train.noise_offset", "must be 0 or more"),
+        (cfg.train.input_perturbation >= 0, "train.input_perturbation", "must be 0 or more"),
+        (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)"),
+        (cfg.output.sample_every_n_steps >= 0, "output.sample_every_n_steps", "must be 0 or more"),
         (cfg.output.dir != "", "output.dir", "is required"),
         (cfg.output.sample_steps >= 1, "output.sample_steps", "must be at least 1"),
     ]

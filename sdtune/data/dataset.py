@@ -95,24 +95,35 @@ class ImageCaptionDataset(Dataset):
 class EpochShuffleSampler(Sampler[int]):
     """A seeded shuffle per epoch that tells the dataset the epoch: yields `epoch * size + i`.
 
-    Each `iter()` is the next epoch. `set_epoch` (called by accelerate before each pass, or by
-    a resumed run) sets the epoch of the next pass, so both ways of counting agree.
+    Each `iter()` is the next epoch. `set_epoch` (called by a resumed run) sets the epoch of the
+    next pass, and `skip_next(n)` drops the first `n` indices of that pass only, so a resumed run
+    continues mid-epoch without loading the images it already trained on. With several
+    processes, each takes every `world_size`-th index of the same shuffle (the tail that does not
+    divide evenly is left out, so every process runs the same number of batches).
     """
 
-    def __init__(self, size: int, seed: int = 0) -> None:
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         self.size = size
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def skip_next(self, count: int) -> None:
+        self._skip = count
+
     def __len__(self) -> int:
-        return self.size
+        return self.size // self.world_size
 
     def __iter__(self) -> Iterator[int]:
         epoch, self.epoch = self.epoch, self.epoch + 1
+        skip, self._skip = self._skip, 0
         order = torch.randperm(
             self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         )
-        return iter((order + epoch * self.size).tolist())
+        mine = order[: len(self) * self.world_size][self.rank :: self.world_size]
+        return iter((mine[skip:] + epoch * self.size).tolist())

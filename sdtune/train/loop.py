@@ -1,43 +1,52 @@
 """The training loop: a folder of captioned images and a base model in, a LoRA adapter out.
 
 Read it top to bottom: check the inputs, load the model, add the LoRA, then for each step
-encode -> noise -> predict -> loss -> update, and finally save the adapter beside the config.
+encode -> noise -> predict -> loss -> update, checkpoint now and then, and finally save the
+adapter beside the config. A run resumed from a checkpoint continues exactly where it stopped:
+same data order, same random draws, same weights as a run that was never interrupted.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 
 from sdtune.adapters.card import write_model_card
 from sdtune.adapters.io import save_adapter
-from sdtune.adapters.lora import (
-    TEXT_ENCODER_TARGET_PRESETS,
-    UNET_TARGET_PRESETS,
-    build_lora_config,
-    check_targets_matched,
-    resolve_text_encoder_targets,
-    resolve_unet_targets,
-)
+from sdtune.adapters.lora import resolve_unet_targets
 from sdtune.config import RunConfig, config_to_dict, save_config
-from sdtune.data.captions import CaptionAugment, warn_long_captions
-from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset
-from sdtune.data.sources import ScanReport, scan_data_config
 from sdtune.errors import SdtuneError
-from sdtune.train.objectives import compute_loss, compute_noisy_latents, compute_target
-from sdtune.train.outputs import check_output_dir, prepare_output_dir
+from sdtune.train import checkpoint as ckpt
+from sdtune.train.ema import AdapterEMA
+from sdtune.train.objectives import (
+    compute_loss,
+    compute_min_snr_weights,
+    compute_noisy_latents,
+    compute_offset_noise,
+    compute_target,
+)
+from sdtune.train.optim import build_optimizer
+from sdtune.train.outputs import prepare_output_dir
+from sdtune.train.setup import (
+    Objective,
+    add_lora_adapters,
+    build_dataloader,
+    build_objective,
+    check_inputs,
+    enable_gradient_checkpointing,
+    load_base,
+)
 
 logger = logging.getLogger("sdtune.train")
 
-# Families whose U-Net takes only the noisy latents (4 channels); the others need extra inputs.
-TRAINABLE_FAMILIES = ("sd1", "sd2-base", "sd2-v")
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+EMA_FILE_NAME = "pytorch_lora_weights_ema.safetensors"
 
 
 @dataclass
@@ -49,134 +58,66 @@ class TrainResult:
     pipeline: object  # the base pipeline with the trained adapter attached, ready to generate
 
 
-def scan_dataset(cfg: RunConfig) -> ScanReport:
-    return scan_data_config(cfg.data)
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # passes over the data started
+    batch_in_epoch: int = 0  # micro-batches of the current pass already trained on
 
 
-def add_lora_adapters(pipe, cfg: RunConfig) -> list[dict]:
-    """Freeze the base, add LoRA to the U-Net (and text encoder); return optimizer param groups."""
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.requires_grad_(False)
-    lora = cfg.lora
-    unet_targets = resolve_unet_targets(lora.unet_targets)
-    check_targets_matched(pipe.unet, unet_targets, "U-Net", UNET_TARGET_PRESETS)
-    pipe.unet.add_adapter(
-        build_lora_config(
-            lora.rank, lora.alpha, lora.dropout, unet_targets, lora.use_dora, lora.init
-        )
-    )
-    groups = [{"params": _trainable(pipe.unet), "lr": cfg.train.learning_rate}]
-    if lora.train_text_encoder:
-        te_targets = resolve_text_encoder_targets(lora.text_encoder_targets)
-        check_targets_matched(
-            pipe.text_encoder, te_targets, "text-encoder", TEXT_ENCODER_TARGET_PRESETS
-        )
-        te_config = build_lora_config(
-            lora.text_encoder_rank or lora.rank,
-            lora.text_encoder_alpha or lora.alpha,
-            lora.dropout,
-            te_targets,
-            lora.use_dora,
-            lora.init,
-        )
-        pipe.text_encoder.add_adapter(te_config)
-        te_lr = cfg.train.text_encoder_learning_rate or cfg.train.learning_rate
-        groups.append({"params": _trainable(pipe.text_encoder), "lr": te_lr})
-    return groups
+@dataclass
+class Run:
+    """The prepared parts of one training run."""
+
+    cfg: RunConfig
+    accelerator: Accelerator
+    pipe: object
+    family: object
+    out: Path
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    optimizer: object
+    lr_scheduler: object
+    loader: object
+    sampler: object
+    trainable: list[torch.nn.Parameter]
+    objective: Objective
+    dtype: torch.dtype
+    ema: AdapterEMA | None = None
+    progress: Progress = field(default_factory=Progress)
 
 
-def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # adapter weights train in fp32 even when the base runs in half precision
-        p.data = p.data.float()
-    return params
-
-
-def build_dataloader(samples, cfg: RunConfig, tokenizer) -> DataLoader:
-    d = cfg.data
-    dataset = ImageCaptionDataset(
-        samples,
-        d.resolution,
-        d.center_crop,
-        d.random_flip,
-        d.repeats,
-        cfg.train.seed,
-        augment=CaptionAugment.from_config(d),
-    )
-    warn_long_captions([s.caption for s in samples], [s.image_path for s in samples], tokenizer)
-
-    def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-        captions = [item["caption"] for item in items]
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return {"pixel_values": torch.stack([i["pixel_values"] for i in items]), "input_ids": ids}
-
-    return DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        sampler=EpochShuffleSampler(len(dataset), cfg.train.seed),
-        collate_fn=collate,
-        num_workers=cfg.train.num_workers,
-    )
-
-
-def training_step(batch, pipe, unet, text_encoder, alphas_cumprod, prediction_type, dtype):
+def training_step(batch, run: Run) -> torch.Tensor:
     """One loss evaluation: encode, noise, predict, compare. Returns the scalar loss."""
-    pixels = batch["pixel_values"].to(pipe.vae.device, dtype=dtype)
+    obj, vae = run.objective, run.pipe.vae
+    pixels = batch["pixel_values"].to(vae.device, dtype=run.dtype)
     with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.sample() * pipe.vae.config.scaling_factor
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), device=latents.device)
-    noisy = compute_noisy_latents(latents, noise, timesteps, alphas_cumprod)
-    text_embeddings = text_encoder(batch["input_ids"].to(latents.device))[0]
-    prediction = unet(noisy, timesteps, text_embeddings.to(dtype)).sample
-    target = compute_target(latents, noise, timesteps, alphas_cumprod, prediction_type)
-    return compute_loss(prediction, target)
-
-
-def check_inputs(cfg: RunConfig) -> ScanReport:
-    """Everything that can be checked before the (slow) model load: data, output folder, batch."""
-    report = scan_dataset(cfg)
-    check_output_dir(cfg.output.dir, cfg.output.overwrite)
-    images = len(report.samples) * cfg.data.repeats
-    if images < cfg.train.batch_size:
-        raise SdtuneError(
-            f"train.batch_size is {cfg.train.batch_size} but the dataset has only {images} "
-            "images (with repeats); lower train.batch_size or raise data.repeats"
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+    noise = compute_offset_noise(torch.randn_like(latents), obj.noise_offset)
+    timesteps = torch.randint(0, len(obj.alphas_cumprod), (len(latents),), device=latents.device)
+    model_noise = noise
+    if obj.input_perturbation:  # the input gets extra noise; the target stays the clean noise
+        model_noise = noise + obj.input_perturbation * torch.randn_like(noise)
+    noisy = compute_noisy_latents(latents, model_noise, timesteps, obj.alphas_cumprod)
+    text_embeddings = run.text_encoder(batch["input_ids"].to(latents.device))[0]
+    prediction = run.unet(noisy, timesteps, text_embeddings.to(run.dtype)).sample
+    target = compute_target(latents, noise, timesteps, obj.alphas_cumprod, obj.prediction_type)
+    weights = None
+    if obj.min_snr_gamma:
+        weights = compute_min_snr_weights(
+            timesteps, obj.alphas_cumprod, obj.min_snr_gamma, obj.prediction_type
         )
-    return report
-
-
-def load_base(cfg: RunConfig):
-    """The base pipeline and its family; only families with plain 4-channel U-Nets train."""
-    from sdtune.models.families import detect_family
-    from sdtune.models.loading import load_pipeline
-
-    pipe = load_pipeline(cfg.model.path, family=cfg.model.family, config_dir=cfg.model.config_dir)
-    family = detect_family(pipe)
-    if family.name not in TRAINABLE_FAMILIES:
-        raise SdtuneError(
-            f"training a LoRA on the '{family.name}' family is not supported yet; "
-            f"supported: {', '.join(TRAINABLE_FAMILIES)}"
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, family
+    return compute_loss(prediction, target, weights, obj.loss_type, obj.huber_c)
 
 
 def train(cfg: RunConfig) -> TrainResult:
     """Run the training described by `cfg` and save the adapter; see the module docstring."""
-    from diffusers.optimization import get_scheduler
-
     # The run folder is made only after the model loaded, so a wrong model path leaves
     # nothing behind that would block the retry.
     report = check_inputs(cfg)
     pipe, family = load_base(cfg)
-    out = prepare_output_dir(cfg.output.dir, cfg.output.overwrite)
+    resuming = cfg.train.resume is not None
+    out = prepare_output_dir(cfg.output.dir, cfg.output.overwrite or resuming)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
@@ -186,117 +127,276 @@ def train(cfg: RunConfig) -> TrainResult:
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
         logger.info("data: %s", report.summary())
+    run = prepare_run(cfg, accelerator, pipe, family, out, report)
+    if resuming:
+        restore_checkpoint(run, ckpt.resolve_resume(out, cfg.train.resume))
+    last_loss = run_steps(run)
+    adapter_path = save_final(run)
+    accelerator.end_training()
+    return TrainResult(out, adapter_path, run.progress.step, last_loss, pipe)
+
+
+def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) -> Run:
     set_seed(cfg.train.seed)
+    if cfg.train.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     dtype = HALF_DTYPES.get(cfg.train.mixed_precision, torch.float32)
     pipe.to(accelerator.device)
     if dtype != torch.float32:  # frozen base in half precision; the LoRA weights stay fp32
         pipe.to(dtype=dtype)
     param_groups = add_lora_adapters(pipe, cfg)
-    prediction_type = cfg.train.prediction_type or pipe.scheduler.config.prediction_type
-    alphas_cumprod = _alphas_cumprod(pipe.scheduler).to(accelerator.device)
-
-    dataloader = build_dataloader(report.samples, cfg, pipe.tokenizer)
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.train.weight_decay)
-    lr_scheduler = get_scheduler(
-        cfg.train.lr_scheduler,
-        optimizer,
-        num_warmup_steps=cfg.train.warmup_steps * accelerator.num_processes,
-        num_training_steps=cfg.train.max_steps * accelerator.num_processes,
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(pipe, cfg.lora.train_text_encoder)
+    loader, sampler = build_dataloader(
+        report.samples, cfg, pipe.tokenizer, accelerator.process_index, accelerator.num_processes
     )
-    unet, text_encoder, optimizer, dataloader, lr_scheduler = accelerator.prepare(
-        pipe.unet, pipe.text_encoder, optimizer, dataloader, lr_scheduler
-    )
+    optimizer = build_optimizer(cfg.train.optimizer, param_groups, cfg.train.weight_decay)
+    lr_scheduler = _build_lr_scheduler(cfg, optimizer, accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
+    text_encoder = pipe.text_encoder
+    if cfg.lora.train_text_encoder:  # a frozen module must not be wrapped for data parallelism
+        text_encoder = accelerator.prepare(text_encoder)
     trainable = [p for group in param_groups for p in group["params"]]
+    ema = AdapterEMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    run = Run(
+        cfg,
+        accelerator,
+        pipe,
+        family,
+        out,
+        unet,
+        text_encoder,
+        optimizer,
+        lr_scheduler,
+        loader,
+        sampler,
+        trainable,
+        build_objective(cfg, pipe.scheduler),
+        dtype,
+        ema,
+    )
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune")
-        n = sum(p.numel() for p in trainable)
-        logger.info("family %s, %s, %d trainable LoRA parameters", family.name, prediction_type, n)
-
-    step, last_loss = 0, float("nan")
-    unet.train()
-    text_encoder.train(cfg.lora.train_text_encoder)
-    while step < cfg.train.max_steps:
-        for batch in dataloader:
-            with accelerator.accumulate(unet, text_encoder):
-                loss = training_step(
-                    batch, pipe, unet, text_encoder, alphas_cumprod, prediction_type, dtype
-                )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            if step % cfg.train.log_every_n_steps == 0 or step == cfg.train.max_steps:
-                last_loss = accelerator.gather(loss.detach()).mean().item()
-                accelerator.log({"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-                logger.info("step %d/%d  loss %.4f", step, cfg.train.max_steps, last_loss)
-            if cfg.train.save_every_n_steps and step % cfg.train.save_every_n_steps == 0:
-                _save(accelerator, pipe, cfg, family, out / f"step-{step:06d}", step)
-            if step >= cfg.train.max_steps:
-                break
-
-    adapter_path = _save(accelerator, pipe, cfg, family, out, step)
-    accelerator.end_training()
-    pipe.unet = accelerator.unwrap_model(unet).eval()
-    pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
-    if accelerator.is_main_process:
-        samples = [_save_sample(pipe, cfg, out / "samples")] if cfg.output.sample_prompt else []
-        card = write_model_card(
-            out, adapter_info(cfg, pipe, family, step), [p.relative_to(out) for p in samples]
-        )
-        logger.info("model card %s", card)
-    return TrainResult(out, adapter_path, step, last_loss, pipe)
+        _log_summary(run, len(loader.dataset))
+    return run
 
 
-def _save_sample(pipe, cfg: RunConfig, folder: Path) -> Path:
-    """One image from the trained adapter, so the run folder shows what was learned."""
-    from sdtune.generate.outputs import GenerationParams, save_png
-    from sdtune.generate.txt2img import generate_images
+def _build_lr_scheduler(cfg: RunConfig, optimizer, num_processes: int):
+    from diffusers.optimization import get_scheduler
 
-    size = cfg.data.resolution
-    steps, seed = cfg.output.sample_steps, cfg.train.seed
-    with torch.no_grad():
-        image = generate_images(
-            pipe, cfg.output.sample_prompt, steps=steps, seed=seed, width=size, height=size
-        )[0]
-    params = GenerationParams(
-        prompt=cfg.output.sample_prompt,
-        steps=steps,
-        seed=seed,
-        width=size,
-        height=size,
-        scheduler=type(pipe.scheduler).__name__,
-        model=cfg.model.path,
+    # accelerate steps a prepared scheduler once per process, so the step counts scale with it.
+    return get_scheduler(
+        cfg.train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.train.warmup_steps * num_processes,
+        num_training_steps=cfg.train.max_steps * num_processes,
+        num_cycles=cfg.train.lr_cycles,
+        power=cfg.train.lr_power,
     )
-    path = save_png(image, folder, params, stem=f"seed{seed}")
-    logger.info("sample image %s", path)
-    return path
 
 
-def _alphas_cumprod(scheduler) -> torch.Tensor:
-    from diffusers import DDPMScheduler
+def _log_summary(run: Run, items: int) -> None:
+    t, acc = run.cfg.train, run.accelerator
+    effective = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
+    logger.info(
+        "family %s (%s) | %d items per epoch | %s trainable LoRA parameters | batch %d x %d "
+        "accumulation x %d processes = %d | %d steps (~%.1f epochs) | optimizer %s",
+        run.family.name,
+        run.objective.prediction_type,
+        items,
+        f"{sum(p.numel() for p in run.trainable):,}",
+        t.batch_size,
+        t.gradient_accumulation_steps,
+        acc.num_processes,
+        effective,
+        t.max_steps,
+        t.max_steps * effective / max(items, 1),
+        t.optimizer,
+    )
 
-    # The training noise schedule is DDPM's, whatever sampler the model ships with.
-    return DDPMScheduler.from_config(scheduler.config).alphas_cumprod.float()
+
+def run_steps(run: Run) -> float:
+    """Train until max_steps; returns the last logged loss."""
+    cfg, acc, progress = run.cfg, run.accelerator, run.progress
+    last_loss, started, images = float("nan"), time.perf_counter(), 0
+    run.unet.train()
+    run.text_encoder.train(cfg.lora.train_text_encoder)
+    run.sampler.set_epoch(progress.epoch)
+    run.sampler.skip_next(progress.batch_in_epoch * cfg.train.batch_size)
+    while progress.step < cfg.train.max_steps:
+        for batch in run.loader:
+            progress.batch_in_epoch += 1
+            try:
+                loss, grad_norm = _micro_step(run, batch)
+            except _SkipStep:
+                continue
+            images += len(batch["input_ids"])
+            if not acc.sync_gradients:
+                continue
+            progress.step += 1
+            if run.ema is not None:
+                run.ema.update()
+            if (
+                progress.step % cfg.train.log_every_n_steps == 0
+                or progress.step == cfg.train.max_steps
+            ):
+                last_loss = _log_step(
+                    run, loss, grad_norm, images / (time.perf_counter() - started)
+                )
+            _maybe_checkpoint_and_sample(run)
+            if progress.step >= cfg.train.max_steps:
+                break
+        else:  # the pass ended: the next one is a new epoch
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+    return last_loss
 
 
-def _save(accelerator, pipe, cfg: RunConfig, family, folder: Path, step: int) -> Path:
-    accelerator.wait_for_everyone()
-    path = folder / "pytorch_lora_weights.safetensors"
-    if accelerator.is_main_process:
-        info = adapter_info(cfg, pipe, family, step)
-        unet = accelerator.unwrap_model(pipe.unet)
-        text_encoder = (
-            accelerator.unwrap_model(pipe.text_encoder) if cfg.lora.train_text_encoder else None
+def _micro_step(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Loss, backward and (on the last micro-batch of an accumulation) the optimizer step."""
+    acc, cfg = run.accelerator, run.cfg
+    grad_norm = None
+    with acc.accumulate(run.unet, run.text_encoder):
+        loss = training_step(batch, run)
+        _guard_finite(run, loss, "loss")
+        acc.backward(loss)
+        if acc.sync_gradients and cfg.train.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(run.trainable, cfg.train.max_grad_norm)
+            _guard_finite(run, grad_norm, "gradient norm")
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def _guard_finite(run: Run, value: torch.Tensor, what: str) -> None:
+    """Stop (or skip, by option) at the step where a loss or gradient stops being finite."""
+    if torch.isfinite(value).all():
+        return
+    step = run.progress.step + 1
+    if run.cfg.train.on_nonfinite == "skip":
+        logger.warning("step %d: non-finite %s, step skipped", step, what)
+        run.optimizer.zero_grad(set_to_none=True)
+        raise _SkipStep
+    saved = ckpt.list_checkpoints(run.out)
+    raise SdtuneError(
+        f"non-finite {what} at step {step}; the run stopped and nothing from this step was saved "
+        f"(last checkpoint: {saved[-1] if saved else 'none'}); lower train.learning_rate, use "
+        "train.mixed_precision=bf16, or set train.on_nonfinite=skip"
+    )
+
+
+class _SkipStep(Exception):
+    pass
+
+
+def _log_step(run: Run, loss, grad_norm, images_per_s: float) -> float:
+    acc, step = run.accelerator, run.progress.step
+    value = acc.gather(loss.detach()).mean().item()
+    logs = {"loss": value, "lr": run.lr_scheduler.get_last_lr()[0], "images_per_s": images_per_s}
+    if grad_norm is not None:
+        logs["grad_norm"] = float(grad_norm)
+    if torch.cuda.is_available():
+        logs["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    acc.log(logs, step=step)
+    logger.info(
+        "step %d/%d  loss %.4f  lr %.2e  %.1f img/s",
+        step,
+        run.cfg.train.max_steps,
+        value,
+        logs["lr"],
+        images_per_s,
+    )
+    return value
+
+
+def _maybe_checkpoint_and_sample(run: Run) -> None:
+    cfg, step = run.cfg, run.progress.step
+    every = cfg.train.checkpoint_every_n_steps
+    if every and step % every == 0 and step < cfg.train.max_steps:
+        save_checkpoint(run)
+    every = cfg.output.sample_every_n_steps
+    if every and step % every == 0 and cfg.output.sample_prompt and step < cfg.train.max_steps:
+        save_sample(run, f"step{step:06d}-")
+
+
+def save_checkpoint(run: Run) -> Path | None:
+    """Adapter + full training state under checkpoints/step-N (main process writes)."""
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    path = None
+    if acc.is_main_process:
+        p = run.progress
+        state = {
+            "progress": {"step": p.step, "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch},
+            "trainable": [t.detach().cpu() for t in run.trainable],
+            "optimizer": run.optimizer.state_dict(),
+            "lr_scheduler": run.lr_scheduler.state_dict(),
+            "ema": run.ema.state_dict() if run.ema is not None else None,
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "rng": ckpt.capture_rng_state(),
+        }
+        path = ckpt.save_checkpoint(
+            run.out, p.step, state, lambda d: _write_adapter(run, d), run.cfg.train.keep_checkpoints
         )
-        path = save_adapter(folder, unet, text_encoder, info)
-        logger.info("saved adapter %s", path)
-    accelerator.wait_for_everyone()
+        logger.info("checkpoint %s", path)
+    acc.wait_for_everyone()
     return path
+
+
+def restore_checkpoint(run: Run, folder: Path) -> None:
+    """Put every piece of saved state back, so the next step is the one that would have run."""
+    state = ckpt.load_training_state(folder)
+    with torch.no_grad():
+        for param, saved in zip(run.trainable, state["trainable"], strict=True):
+            param.copy_(saved)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if run.ema is not None and state["ema"] is not None:
+        run.ema.load_state_dict(state["ema"])
+    if run.accelerator.scaler is not None and state["scaler"] is not None:
+        run.accelerator.scaler.load_state_dict(state["scaler"])
+    ckpt.restore_rng_state(state["rng"])
+    run.progress = Progress(**state["progress"])
+    logger.info("resumed from %s at step %d", folder, run.progress.step)
+
+
+def save_final(run: Run) -> Path:
+    """The adapter (and its EMA), a sample image and the model card."""
+    path = _save_adapter_files(run, run.out)
+    pipe = run.pipe
+    pipe.unet = run.accelerator.unwrap_model(run.unet).eval()
+    pipe.text_encoder = run.accelerator.unwrap_model(run.text_encoder).eval()
+    if run.accelerator.is_main_process:
+        samples = [save_sample(run, "")] if run.cfg.output.sample_prompt else []
+        info = adapter_info(run.cfg, pipe, run.family, run.progress.step)
+        card = write_model_card(run.out, info, [p.relative_to(run.out) for p in samples])
+        logger.info("model card %s", card)
+    return path
+
+
+def _save_adapter_files(run: Run, folder: Path) -> Path:
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    path = folder / "pytorch_lora_weights.safetensors"
+    if acc.is_main_process:
+        path = _write_adapter(run, folder)
+        if run.ema is not None:
+            with run.ema.swapped_in():
+                _write_adapter(run, folder, EMA_FILE_NAME)
+        logger.info("saved adapter %s", path)
+    acc.wait_for_everyone()
+    return path
+
+
+def _write_adapter(run: Run, folder: Path, file_name: str | None = None) -> Path:
+    acc, cfg = run.accelerator, run.cfg
+    unet = acc.unwrap_model(run.unet)
+    text_encoder = acc.unwrap_model(run.text_encoder) if cfg.lora.train_text_encoder else None
+    info = adapter_info(cfg, run.pipe, run.family, run.progress.step)
+    kwargs = {"file_name": file_name} if file_name else {}
+    return save_adapter(folder, unet, text_encoder, info, **kwargs)
 
 
 def adapter_info(cfg: RunConfig, pipe, family, step: int) -> dict:
@@ -305,6 +405,7 @@ def adapter_info(cfg: RunConfig, pipe, family, step: int) -> dict:
         "family": family.name,
         "base_model": cfg.model.path,
         "prediction_type": cfg.train.prediction_type or pipe.scheduler.config.prediction_type,
+        "zero_terminal_snr": cfg.train.zero_terminal_snr,
         "rank": cfg.lora.rank,
         "alpha": cfg.lora.alpha,
         "unet_targets": resolve_unet_targets(cfg.lora.unet_targets),
@@ -314,3 +415,34 @@ def adapter_info(cfg: RunConfig, pipe, family, step: int) -> dict:
         "steps": step,
         "config": config_to_dict(cfg),
     }
+
+
+def save_sample(run: Run, prefix: str) -> Path:
+    """A sample image through the same code as `sdtune generate`; the RNG state is untouched,
+    so sampling during a run does not change what it trains."""
+    from sdtune.generate.outputs import GenerationParams, save_png
+    from sdtune.generate.txt2img import generate_images
+
+    cfg, pipe = run.cfg, run.pipe
+    rng = ckpt.capture_rng_state()
+    size, steps, seed = cfg.data.resolution, cfg.output.sample_steps, cfg.train.seed
+    was_training = run.unet.training
+    run.unet.eval()
+    with torch.no_grad():
+        image = generate_images(
+            pipe, cfg.output.sample_prompt, steps=steps, seed=seed, width=size, height=size
+        )[0]
+    run.unet.train(was_training)
+    ckpt.restore_rng_state(rng)
+    params = GenerationParams(
+        prompt=cfg.output.sample_prompt,
+        steps=steps,
+        seed=seed,
+        width=size,
+        height=size,
+        scheduler=type(pipe.scheduler).__name__,
+        model=cfg.model.path,
+    )
+    path = save_png(image, run.out / "samples", params, stem=f"{prefix}seed{seed}")
+    logger.info("sample image %s", path)
+    return path

@@ -10,7 +10,7 @@ from sdtune.cli.main import main
 from sdtune.config import load_config
 from sdtune.errors import SdtuneError
 from sdtune.models.tiny import build_tiny_pipeline
-from sdtune.train.loop import add_lora_adapters
+from sdtune.train.setup import add_lora_adapters
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from sdtune.adapters.io import save_adapter
 from sdtune.config import load_config
 from sdtune.errors import SdtuneError
 from sdtune.models.tiny import build_tiny_pipeline
-from sdtune.train.loop import add_lora_adapters
+from sdtune.train.setup import add_lora_adapters
 
 
 def _adapted(pipe, model_name: str) -> set[str]:

@@ -99,7 +99,7 @@ def test_caption_options_are_range_checked():
 
 def test_long_captions_are_counted_and_warned_once(tmp_path, caplog):
     from sdtune.models.tokenizer import load_tokenizer
-    from sdtune.train.loop import build_dataloader
+    from sdtune.train.setup import build_dataloader
 
     tokenizer = load_tokenizer(1)
     long_text = ", ".join(f"detail number {k}" for k in range(40))  # ~120 tokens
@@ -117,7 +117,7 @@ def test_long_captions_are_counted_and_warned_once(tmp_path, caplog):
         },
     )
     with caplog.at_level("WARNING", logger="sdtune.data"):
-        loader = build_dataloader(samples, cfg, tokenizer)
+        loader, _ = build_dataloader(samples, cfg, tokenizer)
         for _ in range(2):
             batch = next(iter(loader))
     warnings = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]

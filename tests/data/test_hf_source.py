@@ -5,8 +5,8 @@ from PIL import Image
 
 from sdtune.config import load_config
 from sdtune.data.dataset import ImageCaptionDataset
+from sdtune.data.sources import scan_data_config
 from sdtune.errors import SdtuneError
-from sdtune.train.loop import scan_dataset
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def _cfg(folder, **extra):
 
 
 def test_rows_become_samples_and_bad_rows_are_reported(saved_dataset):
-    report = scan_dataset(_cfg(saved_dataset))
+    report = scan_data_config(_cfg(saved_dataset).data)
     assert [s.caption for s in report.samples] == ["sks, a red square", "sks"]
     assert len(report.skipped) == 1 and "[train][1]" in str(report.skipped[0][0])
     assert "cannot decode" in report.summary()
@@ -52,13 +52,13 @@ def test_rows_become_samples_and_bad_rows_are_reported(saved_dataset):
 
 def test_dataset_mistakes_are_one_line_errors(saved_dataset, tmp_path):
     with pytest.raises(SdtuneError, match="no split 'test'.*data.dataset_split"):
-        scan_dataset(_cfg(saved_dataset, **{"data.dataset_split": "test"}))
+        scan_data_config(_cfg(saved_dataset, **{"data.dataset_split": "test"}).data)
     with pytest.raises(SdtuneError, match="no column 'text'.*data.caption_column"):
-        scan_dataset(_cfg(saved_dataset, **{"data.caption_column": "text"}))
+        scan_data_config(_cfg(saved_dataset, **{"data.caption_column": "text"}).data)
     with pytest.raises(SdtuneError, match="no column 'file_name'.*data.image_column"):
-        scan_dataset(_cfg(saved_dataset, **{"data.image_column": "file_name"}))
+        scan_data_config(_cfg(saved_dataset, **{"data.image_column": "file_name"}).data)
     with pytest.raises(SdtuneError, match="cannot be loaded"):
-        scan_dataset(_cfg(tmp_path / "missing-name"))
+        scan_data_config(_cfg(tmp_path / "missing-name").data)
 
 
 def test_trains_from_a_saved_dataset(saved_dataset, tiny_sd1_dir, tmp_path):

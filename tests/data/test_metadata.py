@@ -4,9 +4,8 @@ import pytest
 from PIL import Image
 
 from sdtune.config import load_config
-from sdtune.data.sources import scan_image_folder
+from sdtune.data.sources import scan_data_config, scan_image_folder
 from sdtune.errors import SdtuneError
-from sdtune.train.loop import scan_dataset
 
 
 def _image(path, colour="red"):
@@ -65,13 +64,13 @@ def test_csv_with_other_column_names_through_the_config(tmp_path):
             "data.caption_template": "a photo of {name}",
         },
     )
-    report = scan_dataset(cfg)
+    report = scan_data_config(cfg.data)
     captions = {s.image_path.name: s.caption for s in report.samples}
     assert captions == {"x.png": "red, square, café", "y.png": "a photo of y"}
     assert "not UTF-8" in report.summary() and "metadata.csv" in report.summary()
     cfg.data.caption_column = "text"
     with pytest.raises(SdtuneError, match="no 'text' column.*data.caption_column"):
-        scan_dataset(cfg)
+        scan_data_config(cfg.data)
 
 
 @pytest.mark.parametrize("name", ["../outside.png", "sub/../../outside.png", "/abs/outside.png"])

@@ -1,0 +1,187 @@
+"""Everything the loop needs before its first step: checked inputs, the base model with LoRA
+adapters, the data loader and the objective's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from sdtune.adapters.lora import (
+    TEXT_ENCODER_TARGET_PRESETS,
+    UNET_TARGET_PRESETS,
+    build_lora_config,
+    check_targets_matched,
+    resolve_text_encoder_targets,
+    resolve_unet_targets,
+)
+from sdtune.config import RunConfig
+from sdtune.data.captions import CaptionAugment, warn_long_captions
+from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset
+from sdtune.data.sources import ScanReport, scan_data_config
+from sdtune.errors import SdtuneError
+from sdtune.train.checkpoint import CHECKPOINTS_DIR
+from sdtune.train.objectives import compute_zero_terminal_snr
+from sdtune.train.outputs import check_output_dir
+
+# Families whose U-Net takes only the noisy latents (4 channels); the others need extra inputs.
+TRAINABLE_FAMILIES = ("sd1", "sd2-base", "sd2-v")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The loss settings, resolved once: what the loop passes to the pure loss functions."""
+
+    prediction_type: str
+    alphas_cumprod: torch.Tensor
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    min_snr_gamma: float | None = None
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+
+
+def check_inputs(cfg: RunConfig) -> ScanReport:
+    """Everything that can be checked before the (slow) model load: data, output folder, batch."""
+    report = scan_data_config(cfg.data)
+    if cfg.train.resume is None:
+        check_output_dir(cfg.output.dir, cfg.output.overwrite)
+    elif cfg.train.resume == "latest" and not (Path(cfg.output.dir) / CHECKPOINTS_DIR).is_dir():
+        raise SdtuneError(
+            f"train.resume=latest but output folder '{cfg.output.dir}' has no checkpoints; "
+            "point output.dir at the run to resume, or drop train.resume"
+        )
+    images = len(report.samples) * cfg.data.repeats
+    if images < cfg.train.batch_size:
+        raise SdtuneError(
+            f"train.batch_size is {cfg.train.batch_size} but the dataset has only {images} "
+            "images (with repeats); lower train.batch_size or raise data.repeats"
+        )
+    return report
+
+
+def load_base(cfg: RunConfig):
+    """The base pipeline and its family; only families with plain 4-channel U-Nets train."""
+    from sdtune.models.families import detect_family
+    from sdtune.models.loading import load_pipeline
+
+    pipe = load_pipeline(cfg.model.path, family=cfg.model.family, config_dir=cfg.model.config_dir)
+    family = detect_family(pipe)
+    if family.name not in TRAINABLE_FAMILIES:
+        raise SdtuneError(
+            f"training a LoRA on the '{family.name}' family is not supported yet; "
+            f"supported: {', '.join(TRAINABLE_FAMILIES)}"
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, family
+
+
+def add_lora_adapters(pipe, cfg: RunConfig) -> list[dict]:
+    """Freeze the base, add LoRA to the U-Net (and text encoder); return optimizer param groups."""
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False)
+    lora = cfg.lora
+    unet_targets = resolve_unet_targets(lora.unet_targets)
+    check_targets_matched(pipe.unet, unet_targets, "U-Net", UNET_TARGET_PRESETS)
+    pipe.unet.add_adapter(
+        build_lora_config(
+            lora.rank, lora.alpha, lora.dropout, unet_targets, lora.use_dora, lora.init
+        )
+    )
+    groups = [{"params": _trainable(pipe.unet), "lr": cfg.train.learning_rate}]
+    if lora.train_text_encoder:
+        te_targets = resolve_text_encoder_targets(lora.text_encoder_targets)
+        check_targets_matched(
+            pipe.text_encoder, te_targets, "text-encoder", TEXT_ENCODER_TARGET_PRESETS
+        )
+        te_config = build_lora_config(
+            lora.text_encoder_rank or lora.rank,
+            lora.text_encoder_alpha or lora.alpha,
+            lora.dropout,
+            te_targets,
+            lora.use_dora,
+            lora.init,
+        )
+        pipe.text_encoder.add_adapter(te_config)
+        te_lr = cfg.train.text_encoder_learning_rate or cfg.train.learning_rate
+        groups.append({"params": _trainable(pipe.text_encoder), "lr": te_lr})
+    return groups
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # adapter weights train in fp32 even when the base runs in half precision
+        p.data = p.data.float()
+    return params
+
+
+def enable_gradient_checkpointing(pipe, train_text_encoder: bool) -> None:
+    """Recompute activations in the backward pass instead of storing them."""
+    pipe.unet.enable_gradient_checkpointing()
+    if train_text_encoder:
+        # Non-reentrant: the frozen embeddings need no grad, yet the LoRA inside must get one.
+        pipe.text_encoder.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+
+
+def build_dataloader(
+    samples, cfg: RunConfig, tokenizer, rank: int = 0, world_size: int = 1
+) -> tuple[DataLoader, EpochShuffleSampler]:
+    """The loader over this process's shard, and its sampler (which knows epoch and position)."""
+    d = cfg.data
+    dataset = ImageCaptionDataset(
+        samples,
+        d.resolution,
+        d.center_crop,
+        d.random_flip,
+        d.repeats,
+        cfg.train.seed,
+        augment=CaptionAugment.from_config(d),
+    )
+    warn_long_captions([s.caption for s in samples], [s.image_path for s in samples], tokenizer)
+
+    def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+        captions = [item["caption"] for item in items]
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return {"pixel_values": torch.stack([i["pixel_values"] for i in items]), "input_ids": ids}
+
+    sampler = EpochShuffleSampler(len(dataset), cfg.train.seed, rank, world_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.train.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,  # workers must see the sampler's epoch each pass
+    )
+    return loader, sampler
+
+
+def build_objective(cfg: RunConfig, scheduler) -> Objective:
+    """The objective from the config and the model's own noise schedule."""
+    from diffusers import DDPMScheduler
+
+    # The training noise schedule is DDPM's, whatever sampler the model ships with.
+    alphas_cumprod = DDPMScheduler.from_config(scheduler.config).alphas_cumprod.float()
+    if cfg.train.zero_terminal_snr:
+        alphas_cumprod = compute_zero_terminal_snr(alphas_cumprod)
+    t = cfg.train
+    return Objective(
+        prediction_type=t.prediction_type or scheduler.config.prediction_type,
+        alphas_cumprod=alphas_cumprod,
+        noise_offset=t.noise_offset,
+        input_perturbation=t.input_perturbation,
+        min_snr_gamma=t.min_snr_gamma,
+        loss_type=t.loss_type,
+        huber_c=t.huber_c,
+    )
