@@ -57,7 +57,8 @@ class ImageCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples) * self.repeats
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
+        draw = index  # (epoch, item): the training step seeds this item's noise from it
         epoch, index = divmod(index, len(self))
         sample, image = self._load_with_fallback(index)
         rng = random.Random(self.seed * 1_000_003 + index)
@@ -68,7 +69,7 @@ class ImageCaptionDataset(Dataset):
         caption = sample.caption
         if self.augment.active:
             caption = self.augment.apply(caption, caption_rng(self.seed, epoch, index))
-        return {"pixel_values": pixels, "caption": caption}
+        return {"pixel_values": pixels, "caption": caption, "draw": draw}
 
     def _load_with_fallback(self, index: int):
         """The item's image, or the next sample (in index order) that still decodes."""

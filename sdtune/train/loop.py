@@ -87,17 +87,40 @@ class Run:
     progress: Progress = field(default_factory=Progress)
 
 
+def item_generators(seed: int, draws: list[int], device) -> list[torch.Generator]:
+    """One generator per item, seeded by the run seed and the item's (epoch, index) draw.
+
+    Each image's VAE sample, noise and timestep then depend only on which item it is, not on
+    how items are grouped: batch 4 equals 2 accumulated batches of 2 equals 2 processes of 2,
+    and a resumed run draws exactly what the uninterrupted run drew.
+    """
+    return [torch.Generator(device).manual_seed(seed * 1_000_003 + d) for d in draws]
+
+
+def _randn(like: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(like.shape, generator=generators, device=like.device, dtype=like.dtype)
+
+
 def training_step(batch, run: Run) -> torch.Tensor:
     """One loss evaluation: encode, noise, predict, compare. Returns the scalar loss."""
     obj, vae = run.objective, run.pipe.vae
     pixels = batch["pixel_values"].to(vae.device, dtype=run.dtype)
+    gens = item_generators(run.cfg.train.seed, batch["draws"], pixels.device)
     with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-    noise = compute_offset_noise(torch.randn_like(latents), obj.noise_offset)
-    timesteps = torch.randint(0, len(obj.alphas_cumprod), (len(latents),), device=latents.device)
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.sample(generator=gens) * vae.config.scaling_factor
+    noise = _randn(latents, gens)
+    if obj.noise_offset:
+        noise = compute_offset_noise(noise, obj.noise_offset, _randn(latents[:, :, :1, :1], gens))
+    steps = len(obj.alphas_cumprod)
+    timesteps = torch.cat(
+        [torch.randint(0, steps, (1,), generator=g, device=g.device) for g in gens]
+    )
     model_noise = noise
     if obj.input_perturbation:  # the input gets extra noise; the target stays the clean noise
-        model_noise = noise + obj.input_perturbation * torch.randn_like(noise)
+        model_noise = noise + obj.input_perturbation * _randn(noise, gens)
     noisy = compute_noisy_latents(latents, model_noise, timesteps, obj.alphas_cumprod)
     text_embeddings = run.text_encoder(batch["input_ids"].to(latents.device))[0]
     prediction = run.unet(noisy, timesteps, text_embeddings.to(run.dtype)).sample
@@ -231,7 +254,7 @@ def run_steps(run: Run) -> float:
                 loss, grad_norm = _micro_step(run, batch)
             except _SkipStep:
                 continue
-            images += len(batch["input_ids"])
+            images += len(batch["draws"])
             if not acc.sync_gradients:
                 continue
             progress.step += 1

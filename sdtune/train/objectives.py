@@ -46,13 +46,12 @@ def compute_target(
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
-def compute_offset_noise(noise: torch.Tensor, strength: float, generator=None) -> torch.Tensor:
-    """Offset noise (Guttenberg 2023): add one random value per sample and channel, so the model
-    can learn to change an image's overall brightness (very dark or bright pictures)."""
-    if strength == 0:
-        return noise
-    shape = (noise.shape[0], noise.shape[1], *([1] * (noise.ndim - 2)))
-    offset = torch.randn(shape, device=noise.device, dtype=noise.dtype, generator=generator)
+def compute_offset_noise(
+    noise: torch.Tensor, strength: float, offset: torch.Tensor
+) -> torch.Tensor:
+    """Offset noise (Guttenberg 2023): add `strength` times one random value per sample and
+    channel (`offset`, shaped (B, C, 1, 1)), so the model can learn to change an image's overall
+    brightness (very dark or very bright pictures)."""
     return noise + strength * offset
 
 

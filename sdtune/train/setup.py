@@ -152,7 +152,11 @@ def build_dataloader(
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        return {"pixel_values": torch.stack([i["pixel_values"] for i in items]), "input_ids": ids}
+        return {
+            "pixel_values": torch.stack([i["pixel_values"] for i in items]),
+            "input_ids": ids,
+            "draws": [i["draw"] for i in items],
+        }
 
     sampler = EpochShuffleSampler(len(dataset), cfg.train.seed, rank, world_size)
     loader = DataLoader(
