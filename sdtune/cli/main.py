@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    # With several processes (torchrun, accelerate launch) only the first one reports progress.
+    main_process = os.environ.get("RANK", "0") == "0"
+    level = logging.INFO if main_process else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout)
     if not args.debug:
         quiet_libraries()
     module = importlib.import_module(f"sdtune.cli.{SUBCOMMANDS[args.command][0]}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from sdtune.config import format_options, load_config, parse_overrides
 
@@ -35,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
     quiet_progress_bars()
 
     result = train(cfg)
-    print(f"adapter: {result.adapter_path}")
+    logging.getLogger("sdtune.train").info("adapter: %s", result.adapter_path)
     return 0

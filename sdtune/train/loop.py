@@ -142,6 +142,9 @@ def train(cfg: RunConfig) -> TrainResult:
     resuming = cfg.train.resume is not None
     out = prepare_output_dir(cfg.output.dir, cfg.output.overwrite or resuming)
     accelerator = Accelerator(
+        # Without CUDA, `cpu=True` lets accelerate see the processes torchrun or
+        # `accelerate launch` started (gloo); otherwise each would train alone.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with="tensorboard",

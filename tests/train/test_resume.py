@@ -173,3 +173,49 @@ def test_two_accumulated_batches_of_two_equal_one_batch_of_four(
     for key in first:
         torch.testing.assert_close(second[key], first[key], atol=2e-5, rtol=1e-3)
     assert any(first[k].abs().max() > 0 for k in first if "up" in k)  # B moved off zero
+
+
+def test_two_processes_match_one_with_the_same_effective_batch(tiny_sd1_dir, star_images, tmp_path):
+    """Real data parallelism: torchrun starts 2 CPU processes (gloo), each with half the batch."""
+    import subprocess
+    import sys
+
+    plain = {
+        "data.shuffle_tags": False,
+        "data.tag_dropout": 0.0,
+        "train.max_steps": 3,
+        "train.ema_decay": 0.0,
+        "lora.train_text_encoder": True,
+    }
+    single = train(
+        _config(tiny_sd1_dir, star_images, tmp_path / "one", **plain, **{"train.batch_size": 4})
+    )
+    cfg = _config(tiny_sd1_dir, star_images, tmp_path / "two", **plain, **{"train.batch_size": 2})
+    overrides = [
+        f"{section}.{key}={value}"
+        for section, values in vars(cfg).items()
+        for key, value in vars(values).items()
+        if value is not None
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "sdtune.cli.main",
+        "train",
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "x 2 processes = 4" in proc.stdout  # both processes joined one run
+    assert proc.stdout.count("step 3/3") == 1  # only the main process reports
+    first, second = (
+        load_file(str(single.adapter_path)),
+        load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors")),
+    )
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], atol=2e-5, rtol=1e-3)
