@@ -23,7 +23,10 @@ from sdtune.errors import SdtuneError
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """Declare one option: its default, its help line and (for strings) its allowed values."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -158,9 +161,12 @@ class TrainConfig:
 class OutputConfig:
     dir: str = option("outputs/lora", "folder for the adapter, config, logs and samples")
     overwrite: bool = option(False, "allow writing into a folder that already holds a run")
-    sample_prompt: str = option("", "prompt of sample images during and after training")
+    sample_prompts: list[str] = option(
+        [], "prompts of sample images during and after training (on the command line: a|b)"
+    )
+    sample_seed: int = option(0, "seed of the sample images (the same at every step)")
     sample_every_n_steps: int = option(0, "steps between sample images; 0: only at the end")
-    sample_steps: int = option(25, "denoising steps of the sample image")
+    sample_steps: int = option(25, "denoising steps of the sample images")
 
 
 @dataclass
@@ -189,6 +195,8 @@ def _closest(name: str, candidates: list[str]) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     base = args[0] if args else tp
     name = getattr(base, "__name__", str(base))
@@ -203,6 +211,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if optional:
             return None
         raise SdtuneError(f"{key} cannot be empty; expected {_type_name(tp)}")
+    if typing.get_origin(base) is list:
+        # A YAML list, or on the command line one string with items separated by "|".
+        items = value.split("|") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise SdtuneError(f"{key} must be a list (YAML list, or a|b|c), got {value!r}")
+        return [_coerce(key, item, typing.get_args(base)[0]) for item in items if item != ""]
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -393,7 +407,9 @@ def format_options() -> str:
     """The option table shown by `sdtune train --help`."""
     lines = []
     for key, f, tp in iter_options():
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.default
+        if default is dataclasses.MISSING:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         choices = f.metadata.get("choices")
         extra = f" [{'|'.join(choices)}]" if choices else ""
         lines.append(f"  {key:<38} {_type_name(tp):<14} default {default!r}{extra}")

@@ -9,6 +9,7 @@ same data order, same random draws, same weights as a run that was never interru
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +251,7 @@ def run_steps(run: Run) -> float:
     run.text_encoder.train(cfg.lora.train_text_encoder)
     run.sampler.set_epoch(progress.epoch)
     run.sampler.skip_next(progress.batch_in_epoch * cfg.train.batch_size)
+    bar = _progress_bar(run)
     while progress.step < cfg.train.max_steps:
         for batch in run.loader:
             progress.batch_in_epoch += 1
@@ -261,6 +263,7 @@ def run_steps(run: Run) -> float:
             if not acc.sync_gradients:
                 continue
             progress.step += 1
+            bar.update(1)
             if run.ema is not None:
                 run.ema.update()
             if (
@@ -270,13 +273,29 @@ def run_steps(run: Run) -> float:
                 last_loss = _log_step(
                     run, loss, grad_norm, images / (time.perf_counter() - started)
                 )
+                bar.set_postfix(loss=f"{last_loss:.4f}")
             _maybe_checkpoint_and_sample(run)
             if progress.step >= cfg.train.max_steps:
                 break
         else:  # the pass ended: the next one is a new epoch
             progress.epoch += 1
             progress.batch_in_epoch = 0
+    bar.close()
     return last_loss
+
+
+def _progress_bar(run: Run):
+    """A bar with loss, speed and time left, on the main process of an interactive run."""
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty() and run.accelerator.is_main_process
+    return tqdm(
+        total=run.cfg.train.max_steps,
+        initial=run.progress.step,
+        unit="step",
+        disable=not interactive,
+        dynamic_ncols=True,
+    )
 
 
 def _micro_step(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -343,8 +362,8 @@ def _maybe_checkpoint_and_sample(run: Run) -> None:
     if every and step % every == 0 and step < cfg.train.max_steps:
         save_checkpoint(run)
     every = cfg.output.sample_every_n_steps
-    if every and step % every == 0 and cfg.output.sample_prompt and step < cfg.train.max_steps:
-        save_sample(run, f"step{step:06d}-")
+    if every and step % every == 0 and cfg.output.sample_prompts and step < cfg.train.max_steps:
+        save_samples(run, f"step{step:06d}")
 
 
 def save_checkpoint(run: Run) -> Path | None:
@@ -395,7 +414,7 @@ def save_final(run: Run) -> Path:
     pipe.unet = run.accelerator.unwrap_model(run.unet).eval()
     pipe.text_encoder = run.accelerator.unwrap_model(run.text_encoder).eval()
     if run.accelerator.is_main_process:
-        samples = [save_sample(run, "")] if run.cfg.output.sample_prompt else []
+        samples = [save_samples(run, "final")] if run.cfg.output.sample_prompts else []
         info = adapter_info(run.cfg, pipe, run.family, run.progress.step)
         card = write_model_card(run.out, info, [p.relative_to(run.out) for p in samples])
         logger.info("model card %s", card)
@@ -443,32 +462,47 @@ def adapter_info(cfg: RunConfig, pipe, family, step: int) -> dict:
     }
 
 
-def save_sample(run: Run, prefix: str) -> Path:
-    """A sample image through the same code as `sdtune generate`; the RNG state is untouched,
-    so sampling during a run does not change what it trains."""
-    from sdtune.generate.outputs import GenerationParams, save_png
+def save_samples(run: Run, stem: str) -> Path:
+    """Sample images of every prompt through the same code as `sdtune generate`, as PNGs, a grid
+    and a TensorBoard image. The RNG state is untouched, so sampling does not change training."""
+    from sdtune.generate.outputs import GenerationParams, save_grid, save_png
     from sdtune.generate.txt2img import generate_images
 
     cfg, pipe = run.cfg, run.pipe
     rng = ckpt.capture_rng_state()
-    size, steps, seed = cfg.data.resolution, cfg.output.sample_steps, cfg.train.seed
+    size, steps, seed = cfg.data.resolution, cfg.output.sample_steps, cfg.output.sample_seed
     was_training = run.unet.training
     run.unet.eval()
-    with torch.no_grad():
-        image = generate_images(
-            pipe, cfg.output.sample_prompt, steps=steps, seed=seed, width=size, height=size
-        )[0]
+    folder, images = run.out / "samples", []
+    for i, prompt in enumerate(cfg.output.sample_prompts):
+        with torch.no_grad():
+            image = generate_images(pipe, prompt, steps=steps, seed=seed, width=size, height=size)[
+                0
+            ]
+        params = GenerationParams(
+            prompt=prompt,
+            steps=steps,
+            seed=seed,
+            width=size,
+            height=size,
+            scheduler=type(pipe.scheduler).__name__,
+            model=cfg.model.path,
+        )
+        save_png(image, folder, params, stem=f"{stem}-prompt{i}")
+        images.append(image)
     run.unet.train(was_training)
     ckpt.restore_rng_state(rng)
-    params = GenerationParams(
-        prompt=cfg.output.sample_prompt,
-        steps=steps,
-        seed=seed,
-        width=size,
-        height=size,
-        scheduler=type(pipe.scheduler).__name__,
-        model=cfg.model.path,
-    )
-    path = save_png(image, run.out / "samples", params, stem=f"{prefix}seed{seed}")
-    logger.info("sample image %s", path)
-    return path
+    grid = save_grid(images, folder, stem)
+    _log_image(run, grid)
+    logger.info("sample images %s", grid)
+    return grid
+
+
+def _log_image(run: Run, path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    tracker = run.accelerator.get_tracker("tensorboard", unwrap=True)
+    if hasattr(tracker, "add_image"):
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        tracker.add_image("samples", pixels, run.progress.step, dataformats="HWC")

@@ -219,3 +219,42 @@ def test_two_processes_match_one_with_the_same_effective_batch(tiny_sd1_dir, sta
     )
     for key in first:
         torch.testing.assert_close(second[key], first[key], atol=2e-5, rtol=1e-3)
+
+
+def test_samples_during_training_change_nothing_and_reach_tensorboard(
+    tiny_sd1_dir, star_images, tmp_path
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plain = {"train.max_steps": 4, "train.ema_decay": 0.0, "lora.train_text_encoder": False}
+    quiet = train(_config(tiny_sd1_dir, star_images, tmp_path / "quiet", **plain))
+    sampled = train(
+        _config(
+            tiny_sd1_dir,
+            star_images,
+            tmp_path / "sampled",
+            **plain,
+            **{
+                "output.sample_prompts": "a sks star|a red circle",
+                "output.sample_every_n_steps": 2,
+                "output.sample_steps": 2,
+            },
+        )
+    )
+    _assert_same_tensors(quiet.adapter_path, sampled.adapter_path)
+    samples = tmp_path / "sampled" / "samples"
+    names = sorted(p.name for p in samples.iterdir())
+    assert names == [
+        "final-prompt0.png",
+        "final-prompt1.png",
+        "final.png",
+        "step000002-prompt0.png",
+        "step000002-prompt1.png",
+        "step000002.png",
+    ]
+    events = EventAccumulator(str(tmp_path / "sampled"), size_guidance={"images": 0})
+    runs = [p.parent for p in (tmp_path / "sampled").rglob("events.out.tfevents.*")]
+    events = EventAccumulator(str(runs[0]), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("samples")] == [2, 4]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert "![sample](samples/final.png)" in (tmp_path / "sampled" / "README.md").read_text()
