@@ -69,6 +69,11 @@ class DataConfig:
     caption_dropout: float = option(
         0.0, "chance of an empty caption per item and epoch (trains the unconditional case)"
     )
+    class_dir: str = option(
+        "", "DreamBooth class images for prior preservation (missing ones are generated)"
+    )
+    class_prompt: str = option("", "caption of every class image, e.g. 'a photo of a dog'")
+    num_class_images: int = option(100, "class images wanted; the base model draws the missing")
 
 
 @dataclass
@@ -143,6 +148,7 @@ class TrainConfig:
     mixed_precision: str = option("no", "autocast precision", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = option(False, "recompute activations: less memory, ~30% slower")
     tf32: bool = option(False, "allow TF32 matmuls on Ampere+ GPUs")
+    prior_loss_weight: float = option(1.0, "weight of the class-image (prior) loss")
     ema_decay: float = option(0.0, "EMA of the adapter weights with this decay; 0 turns it off")
     on_nonfinite: str = option(
         "stop", "on a NaN/Inf loss or gradient: stop the run, or skip that step", ("stop", "skip")
@@ -378,6 +384,13 @@ def validate_config(cfg: RunConfig) -> None:
         (cfg.train.noise_offset >= 0, "train.noise_offset", "must be 0 or more"),
         (cfg.train.input_perturbation >= 0, "train.input_perturbation", "must be 0 or more"),
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)"),
+        (
+            not cfg.data.class_dir or cfg.data.class_prompt != "",
+            "data.class_prompt",
+            "is required with data.class_dir (the caption of the class images)",
+        ),
+        (cfg.data.num_class_images >= 0, "data.num_class_images", "must be 0 or more"),
+        (cfg.train.prior_loss_weight >= 0, "train.prior_loss_weight", "must be 0 or more"),
         (cfg.output.sample_every_n_steps >= 0, "output.sample_every_n_steps", "must be 0 or more"),
         (cfg.output.dir != "", "output.dir", "is required"),
         (cfg.output.sample_steps >= 1, "output.sample_steps", "must be at least 1"),

@@ -34,6 +34,7 @@ from sdtune.train.objectives import (
 )
 from sdtune.train.optim import build_optimizer
 from sdtune.train.outputs import prepare_output_dir
+from sdtune.train.prior import ensure_class_images, scan_class_images
 from sdtune.train.setup import (
     Objective,
     add_lora_adapters,
@@ -126,11 +127,15 @@ def training_step(batch, run: Run) -> torch.Tensor:
     text_embeddings = run.text_encoder(batch["input_ids"].to(latents.device))[0]
     prediction = run.unet(noisy, timesteps, text_embeddings.to(run.dtype)).sample
     target = compute_target(latents, noise, timesteps, obj.alphas_cumprod, obj.prediction_type)
-    weights = None
+    weights = torch.ones(len(latents), device=latents.device)
     if obj.min_snr_gamma:
         weights = compute_min_snr_weights(
             timesteps, obj.alphas_cumprod, obj.min_snr_gamma, obj.prediction_type
         )
+    if "prior" in batch:
+        # DreamBooth: mean instance loss + prior_loss_weight * mean class loss (equal halves).
+        prior = batch["prior"].to(latents.device)
+        weights = 2 * weights * torch.where(prior, run.cfg.train.prior_loss_weight, 1.0)
     return compute_loss(prediction, target, weights, obj.loss_type, obj.huber_c)
 
 
@@ -172,11 +177,22 @@ def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) ->
     pipe.to(accelerator.device)
     if dtype != torch.float32:  # frozen base in half precision; the LoRA weights stay fp32
         pipe.to(dtype=dtype)
+    class_samples = None  # drawn by the base model, before any adapter exists
+    if cfg.data.class_dir:
+        made = ensure_class_images(pipe, cfg, accelerator.is_main_process)
+        accelerator.wait_for_everyone()  # the other processes read what the main one drew
+        class_samples = scan_class_images(cfg)
+        logger.info("prior preservation: %d class images (%d drawn now)", len(class_samples), made)
     param_groups = add_lora_adapters(pipe, cfg)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(pipe, cfg.lora.train_text_encoder)
     loader, sampler = build_dataloader(
-        report.samples, cfg, pipe.tokenizer, accelerator.process_index, accelerator.num_processes
+        report.samples,
+        cfg,
+        pipe.tokenizer,
+        accelerator.process_index,
+        accelerator.num_processes,
+        class_samples,
     )
     optimizer = build_optimizer(cfg.train.optimizer, param_groups, cfg.train.weight_decay)
     lr_scheduler = _build_lr_scheduler(cfg, optimizer, accelerator.num_processes)

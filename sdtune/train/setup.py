@@ -20,6 +20,7 @@ from sdtune.adapters.lora import (
 from sdtune.config import RunConfig
 from sdtune.data.captions import CaptionAugment, warn_long_captions
 from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset
+from sdtune.data.dreambooth import PriorPreservationDataset, collate_pairs
 from sdtune.data.sources import ScanReport, scan_data_config
 from sdtune.errors import SdtuneError
 from sdtune.train.checkpoint import CHECKPOINTS_DIR
@@ -128,35 +129,48 @@ def enable_gradient_checkpointing(pipe, train_text_encoder: bool) -> None:
 
 
 def build_dataloader(
-    samples, cfg: RunConfig, tokenizer, rank: int = 0, world_size: int = 1
+    samples, cfg: RunConfig, tokenizer, rank: int = 0, world_size: int = 1, class_samples=None
 ) -> tuple[DataLoader, EpochShuffleSampler]:
-    """The loader over this process's shard, and its sampler (which knows epoch and position)."""
+    """The loader over this process's shard, and its sampler (which knows epoch and position).
+
+    With `class_samples` (DreamBooth prior preservation) each batch holds the instance images
+    and then as many class images, and `batch["prior"]` marks the class half.
+    """
     d = cfg.data
-    dataset = ImageCaptionDataset(
-        samples,
-        d.resolution,
-        d.center_crop,
-        d.random_flip,
-        d.repeats,
-        cfg.train.seed,
-        augment=CaptionAugment.from_config(d),
-    )
+
+    def dataset_of(items, augment):
+        return ImageCaptionDataset(
+            items,
+            d.resolution,
+            d.center_crop,
+            d.random_flip,
+            d.repeats,
+            cfg.train.seed,
+            augment=augment,
+        )
+
+    dataset = dataset_of(samples, CaptionAugment.from_config(d))
+    if class_samples:
+        dataset = PriorPreservationDataset(dataset, dataset_of(class_samples, CaptionAugment()))
     warn_long_captions([s.caption for s in samples], [s.image_path for s in samples], tokenizer)
 
-    def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-        captions = [item["caption"] for item in items]
-        ids = tokenizer(
-            captions,
+    def collate(items: list[dict]) -> dict:
+        if class_samples:
+            batch = collate_pairs(items)
+        else:
+            batch = {
+                "pixel_values": torch.stack([i["pixel_values"] for i in items]),
+                "captions": [i["caption"] for i in items],
+                "draws": [i["draw"] for i in items],
+            }
+        batch["input_ids"] = tokenizer(
+            batch.pop("captions"),
             padding="max_length",
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        return {
-            "pixel_values": torch.stack([i["pixel_values"] for i in items]),
-            "input_ids": ids,
-            "draws": [i["draw"] for i in items],
-        }
+        return batch
 
     sampler = EpochShuffleSampler(len(dataset), cfg.train.seed, rank, world_size)
     loader = DataLoader(

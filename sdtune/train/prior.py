@@ -1,0 +1,60 @@
+"""Class images for prior preservation: use the user's, and draw the missing ones with the base
+model, so a DreamBooth run needs nothing but the subject's photos and a class prompt."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sdtune.config import RunConfig
+from sdtune.data.images import IMAGE_EXTENSIONS
+from sdtune.data.sources import Sample, scan_image_folder
+from sdtune.errors import SdtuneError
+
+logger = logging.getLogger("sdtune.train")
+
+
+def ensure_class_images(pipe, cfg: RunConfig, is_main_process: bool) -> int:
+    """Generate class images until `data.num_class_images` exist; returns how many were made.
+
+    New files get fresh names (class-00012.png); nothing already in the folder is touched.
+    """
+    from sdtune.generate.outputs import GenerationParams, save_png
+    from sdtune.generate.txt2img import generate_images
+
+    folder, d = Path(cfg.data.class_dir), cfg.data
+    have = (
+        [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if folder.is_dir()
+        else []
+    )
+    missing = d.num_class_images - len(have)
+    if missing <= 0 or not is_main_process:
+        return 0
+    logger.info("drawing %d class images for '%s' into %s", missing, d.class_prompt, folder)
+    size, seed0 = d.resolution, cfg.train.seed + len(have)
+    for k in range(missing):
+        image = generate_images(
+            pipe, d.class_prompt, steps=25, seed=seed0 + k, width=size, height=size
+        )[0]
+        params = GenerationParams(
+            prompt=d.class_prompt,
+            steps=25,
+            seed=seed0 + k,
+            width=size,
+            height=size,
+            scheduler=type(pipe.scheduler).__name__,
+            model=cfg.model.path,
+        )
+        save_png(image, folder, params, stem=f"class-{len(have) + k:05d}")
+    return missing
+
+
+def scan_class_images(cfg: RunConfig) -> list[Sample]:
+    """Every class image, captioned with the class prompt (their sidecars are not used)."""
+    report = scan_image_folder(cfg.data.class_dir, caption_ext=".no-sidecars")
+    if report.skipped:
+        logger.warning("class images: %s", report.summary())
+    if not report.samples:
+        raise SdtuneError(f"data.class_dir '{cfg.data.class_dir}' holds no usable image")
+    return [Sample(s.image_path, cfg.data.class_prompt) for s in report.samples]
