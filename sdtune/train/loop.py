@@ -25,6 +25,7 @@ from sdtune.config import RunConfig, config_to_dict, save_config
 from sdtune.errors import SdtuneError
 from sdtune.train import checkpoint as ckpt
 from sdtune.train.ema import AdapterEMA
+from sdtune.train.inpainting import build_inpainting_channels
 from sdtune.train.objectives import (
     compute_loss,
     compute_min_snr_weights,
@@ -124,6 +125,8 @@ def training_step(batch, run: Run) -> torch.Tensor:
     if obj.input_perturbation:  # the input gets extra noise; the target stays the clean noise
         model_noise = noise + obj.input_perturbation * _randn(noise, gens)
     noisy = compute_noisy_latents(latents, model_noise, timesteps, obj.alphas_cumprod)
+    if run.family.unet_in_channels == 9:  # inpainting U-Net: + mask + masked-image latents
+        noisy = torch.cat([noisy, build_inpainting_channels(vae, pixels, gens, latents.shape)], 1)
     text_embeddings = run.text_encoder(batch["input_ids"].to(latents.device))[0]
     prediction = run.unet(noisy, timesteps, text_embeddings.to(run.dtype)).sample
     target = compute_target(latents, noise, timesteps, obj.alphas_cumprod, obj.prediction_type)

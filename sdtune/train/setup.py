@@ -27,8 +27,9 @@ from sdtune.train.checkpoint import CHECKPOINTS_DIR
 from sdtune.train.objectives import compute_zero_terminal_snr
 from sdtune.train.outputs import check_output_dir
 
-# Families whose U-Net takes only the noisy latents (4 channels); the others need extra inputs.
-TRAINABLE_FAMILIES = ("sd1", "sd2-base", "sd2-v")
+# Families the loop can feed: plain U-Nets (4 channels) and inpainting ones (9 channels: the
+# loop draws masks). Depth (5) needs depth maps and the x4 upscaler low-res images: not yet.
+TRAINABLE_FAMILIES = ("sd1", "sd2-base", "sd2-v", "sd1-inpaint", "sd2-inpaint")
 
 
 @dataclass(frozen=True)
