@@ -485,7 +485,6 @@ def save_samples(run: Run, stem: str) -> Path:
     """Sample images of every prompt through the same code as `sdtune generate`, as PNGs, a grid
     and a TensorBoard image. The RNG state is untouched, so sampling does not change training."""
     from sdtune.generate.outputs import GenerationParams, save_grid, save_png
-    from sdtune.generate.txt2img import generate_images
 
     cfg, pipe = run.cfg, run.pipe
     rng = ckpt.capture_rng_state()
@@ -495,9 +494,7 @@ def save_samples(run: Run, stem: str) -> Path:
     folder, images = run.out / "samples", []
     for i, prompt in enumerate(cfg.output.sample_prompts):
         with torch.no_grad():
-            image = generate_images(pipe, prompt, steps=steps, seed=seed, width=size, height=size)[
-                0
-            ]
+            image = _draw_sample(run, prompt, steps, seed, size)
         params = GenerationParams(
             prompt=prompt,
             steps=steps,
@@ -515,6 +512,30 @@ def save_samples(run: Run, stem: str) -> Path:
     _log_image(run, grid)
     logger.info("sample images %s", grid)
     return grid
+
+
+def _draw_sample(run: Run, prompt: str, steps: int, seed: int, size: int):
+    """One image; an inpainting model repaints a blank canvas whole (text-to-image for it)."""
+    from PIL import Image
+
+    from sdtune.generate.txt2img import generate_images
+
+    if run.family.unet_in_channels != 9:
+        return generate_images(run.pipe, prompt, steps=steps, seed=seed, width=size, height=size)[0]
+    generator = torch.Generator(run.pipe.device).manual_seed(seed)
+    canvas, mask = (
+        Image.new("RGB", (size, size), (127, 127, 127)),
+        Image.new("L", (size, size), 255),
+    )
+    return run.pipe(
+        prompt=prompt,
+        image=canvas,
+        mask_image=mask,
+        num_inference_steps=steps,
+        generator=generator,
+        height=size,
+        width=size,
+    ).images[0]
 
 
 def _log_image(run: Run, path: Path) -> None:

@@ -39,9 +39,12 @@ def test_inpainting_lora_trains_and_reloads(tmp_path, star_images):
                 "train.batch_size": 2,
                 "train.learning_rate": 1e-2,
                 "output.dir": str(tmp_path / "run"),
+                "output.sample_prompts": "a star",
+                "output.sample_steps": 2,
             },
         )
     )
+    assert (tmp_path / "run" / "samples" / "final-prompt0.png").is_file()
     image = Image.new("RGB", (64, 64), "white")
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
