@@ -167,6 +167,11 @@ class TrainConfig:
 class OutputConfig:
     dir: str = option("outputs/lora", "folder for the adapter, config, logs and samples")
     overwrite: bool = option(False, "allow writing into a folder that already holds a run")
+    log_with: str = option(
+        "tensorboard",
+        "experiment tracker (wandb must be installed)",
+        ("tensorboard", "wandb", "all", "none"),
+    )
     sample_prompts: list[str] = option(
         [], "prompts of sample images during and after training (on the command line: a|b)"
     )

@@ -45,6 +45,7 @@ from sdtune.train.setup import (
     check_inputs,
     enable_gradient_checkpointing,
     load_base,
+    trackers,
 )
 
 logger = logging.getLogger("sdtune.train")
@@ -157,7 +158,7 @@ def train(cfg: RunConfig) -> TrainResult:
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        log_with="tensorboard",
+        log_with=trackers(cfg.output.log_with),
         project_dir=str(out),
     )
     if accelerator.is_main_process:

@@ -48,6 +48,7 @@ class Objective:
 def check_inputs(cfg: RunConfig) -> ScanReport:
     """Everything that can be checked before the (slow) model load: data, output folder, batch."""
     report = scan_data_config(cfg.data)
+    trackers(cfg.output.log_with)
     if cfg.train.resume is None:
         check_output_dir(cfg.output.dir, cfg.output.overwrite)
     elif cfg.train.resume == "latest" and not (Path(cfg.output.dir) / CHECKPOINTS_DIR).is_dir():
@@ -62,6 +63,19 @@ def check_inputs(cfg: RunConfig) -> ScanReport:
             "images (with repeats); lower train.batch_size or raise data.repeats"
         )
     return report
+
+
+def trackers(log_with: str) -> list[str]:
+    """The accelerate trackers for `output.log_with`; W&B only when it is installed."""
+    import importlib.util
+
+    wanted = {"all": ["tensorboard", "wandb"], "none": []}.get(log_with, [log_with])
+    if "wandb" in wanted and importlib.util.find_spec("wandb") is None:
+        raise SdtuneError(
+            "output.log_with=wandb but wandb is not installed; `pip install wandb` (and "
+            "`wandb login`), or use output.log_with=tensorboard"
+        )
+    return wanted
 
 
 def load_base(cfg: RunConfig):
