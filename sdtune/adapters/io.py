@@ -91,3 +91,29 @@ def resolve_adapter_path(path: str | Path) -> Path:
     if not path.is_file():
         raise SdtuneError(f"adapter '{path}' does not exist")
     return path
+
+
+def check_writable(path: str | Path, overwrite: bool = False) -> Path:
+    """`path`, unless a file is already there and `overwrite` was not asked for."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise SdtuneError(
+            f"'{path}' already exists; pass --overwrite (overwrite=True) to replace it"
+        )
+    return path
+
+
+def write_safetensors(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    overwrite: bool = False,
+) -> Path:
+    """Write `tensors` to `path` through a temporary name, never replacing a file unasked."""
+    path = check_writable(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    header = {"format": "pt", **metadata}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
+    tmp.replace(path)
+    return path

@@ -18,6 +18,11 @@ SUBCOMMANDS = {
     "train": ("train", "train a LoRA from a recipe and key=value overrides"),
     "generate": ("generate", "generate images with a base model and LoRA adapters"),
     "inspect": ("inspect", "show what an adapter file holds: format, family, ranks, metadata"),
+    "convert": ("convert", "rewrite an adapter as kohya/A1111/ComfyUI or diffusers, checked"),
+    "merge": ("merge", "fuse adapters into a base model, or merge adapters into one"),
+    "resize": ("resize", "change an adapter's rank by SVD and report what it keeps"),
+    "extract": ("extract", "extract a LoRA from a fine-tuned model and its base"),
+    "push": ("push", "upload a run folder (adapter + model card) to the Hugging Face Hub"),
     "demo": ("demo", "train and sample a LoRA on a built-in tiny model, end to end"),
 }
 

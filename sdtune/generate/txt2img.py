@@ -5,30 +5,18 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from sdtune.adapters.io import read_adapter_metadata, resolve_adapter_path
 from sdtune.errors import SdtuneError
 
 
 def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False) -> None:
     """Attach each (file, weight) adapter live; with `fuse`, bake them into the base weights."""
-    from sdtune.models.families import detect_family, get_family
+    from sdtune.adapters.load import attach_adapter
 
-    base = detect_family(pipe)
     names = []
     for index, (path, _weight) in enumerate(adapters):
-        path = resolve_adapter_path(path)
-        trained_on = read_adapter_metadata(path).get("family")
-        if trained_on and get_family(trained_on).cross_attention_dim != base.cross_attention_dim:
-            raise SdtuneError(
-                f"adapter '{path}' was trained on the {trained_on} family but the base model is "
-                f"{base.name}; use a base model of the {trained_on} family"
-            )
+        # Any layout (sdtune/diffusers, PEFT, kohya/A1111), checked against the model first.
         name = f"adapter_{index}"
-        try:
-            pipe.load_lora_weights(str(path), adapter_name=name)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SdtuneError(f"adapter '{path}' does not fit the base model: {first}") from None
+        attach_adapter(pipe, path, name)
         names.append(name)
     if names:
         pipe.set_adapters(names, [weight for _, weight in adapters])

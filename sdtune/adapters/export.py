@@ -1,0 +1,215 @@
+"""Convert adapters between layouts, checking every key against the target family first.
+
+`export_kohya` writes the file A1111, ComfyUI and kohya's tools read (keys in `formats`), with
+kohya's `ss_*` header fields beside sdtune's own. `export_diffusers` writes the layout
+diffusers' `load_lora_weights` reads without metadata (alpha folded into `up`). Nothing is
+written unless every module maps to a module of the target family's model, so a file that
+would give "lora key not loaded" in a UI is never produced.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from sdtune import __version__
+from sdtune.adapters import formats
+from sdtune.adapters.formats import Layer
+from sdtune.adapters.io import METADATA_PREFIX, check_writable, write_safetensors
+from sdtune.adapters.load import Adapter, family_modules, model_modules, read_adapter
+from sdtune.errors import SdtuneError
+
+# kohya's `ss_base_model_version` (sd-scripts: "sd" + "_v1"/"_v2" + "_v" for v-prediction).
+_LOADERS_NETWORK_MODULE = "networks.lora"
+
+
+def base_model_version(family) -> str:
+    version = "sd_v2" if family.sd_version == 2 else "sd_v1"
+    return version + ("_v" if family.prediction_type == "v_prediction" else "")
+
+
+def infer_family(header: dict[str, str], adapter_family: str | None = None) -> str:
+    """The family an adapter file names: sdtune's header, kohya's ss_* fields, else its widths."""
+    named = header.get(METADATA_PREFIX + "family")
+    if named:
+        return named
+    version = header.get("ss_base_model_version", "")
+    if version.startswith("sd_v2") or header.get("ss_v2", "").lower() == "true":
+        return "sd2-v" if version.endswith("_v") else "sd2-base"
+    if version.startswith("sd_v1"):
+        return "sd1"
+    if adapter_family == "sd2":
+        return "sd2-base"
+    if adapter_family == "sd1":
+        return "sd1"
+    raise SdtuneError(
+        "cannot tell the adapter's model family from its header or shapes; pass --family "
+        "(sd1, sd2-base, sd2-v, ...)"
+    )
+
+
+def read_for_family(
+    path: str | Path, family: str | None, base=None
+) -> tuple[Adapter, object, dict]:
+    """The adapter at `path`, named against a model, that model's family and its modules.
+
+    The model is `base` (a pipeline) when given, else a full-size model of `family` (given or
+    read from the file). Every module must exist in it, and an adapter whose cross-attention
+    reads another text width (768: SD 1, 1024: SD 2) is refused, naming both families.
+    """
+    from sdtune.models.families import detect_family, get_family
+
+    if base is not None:
+        fam = get_family(family) if family else detect_family(base)
+        modules = model_modules(base)
+    else:
+        if family is None:  # kohya names decode against any SD 1/2 model; pick after
+            probe = read_adapter(path, family_modules("sd2-base"))
+            family = infer_family(probe.header, probe.family)
+        fam = get_family(family)
+        modules = family_modules(fam.name)
+    adapter = read_adapter(path, modules)
+    missing = sorted(m for m in adapter.layers if m not in modules)
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise SdtuneError(
+            f"'{adapter.path}': {len(missing)} key(s) map to no module of the {fam.name} model: "
+            f"{shown}"
+        )
+    guessed = adapter.family
+    if guessed in ("sd1", "sd2") and (guessed == "sd2") != (fam.sd_version == 2):
+        raise SdtuneError(
+            f"'{adapter.path}' is an {guessed} adapter (cross-attention text width) but the "
+            f"target family is {fam.name}; pass the adapter's own family"
+        )
+    return adapter, fam, modules
+
+
+def _lora_only(adapter: Adapter) -> dict[str, Layer]:
+    if adapter.dora:
+        raise SdtuneError(f"'{adapter.path}' is a DoRA adapter; kohya LoRA cannot hold it")
+    other = sorted(m for m, layer in adapter.layers.items() if layer.kind != "lora")
+    if other:
+        raise SdtuneError(
+            f"'{adapter.path}' holds {adapter.layers[other[0]].kind} layers ({other[0]}); "
+            "only LoRA/LoCon can be exported"
+        )
+    return adapter.layers
+
+
+def kohya_metadata(layers: dict[str, Layer], header: dict[str, str], family) -> dict[str, str]:
+    """kohya's `ss_*` fields (what A1111's and civitai's pages show) plus sdtune's own keys."""
+    ranks = Counter(layer.rank for layer in layers.values())
+    alphas = Counter(
+        layer.alpha if layer.alpha is not None else layer.rank for layer in layers.values()
+    )
+    info = {
+        k[len(METADATA_PREFIX) :]: v for k, v in header.items() if k.startswith(METADATA_PREFIX)
+    }
+    resolution = info.get("resolution", str(family.resolution))
+    meta = {
+        "ss_network_module": _LOADERS_NETWORK_MODULE,
+        "ss_network_dim": str(ranks.most_common(1)[0][0]),
+        "ss_network_alpha": f"{alphas.most_common(1)[0][0]:g}",
+        "ss_base_model_version": base_model_version(family),
+        "ss_v2": str(family.sd_version == 2),
+        "ss_sd_model_name": info.get("base_model", family.name),
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_training_comment": f"exported by sdtune {__version__}",
+    }
+    conv = [layer for layer in layers.values() if layer.down.ndim == 4 and layer.down.shape[-1] > 1]
+    if conv:
+        conv_alpha = conv[0].alpha if conv[0].alpha is not None else conv[0].rank
+        args = {"conv_dim": str(conv[0].rank), "conv_alpha": f"{conv_alpha:g}"}
+        meta["ss_network_args"] = json.dumps(args)
+    if "tag_frequency" in info:
+        meta["ss_tag_frequency"] = info["tag_frequency"]
+    for key, value in header.items():
+        if key.startswith(METADATA_PREFIX):
+            meta[key] = value
+    meta[METADATA_PREFIX + "family"] = family.name
+    meta[METADATA_PREFIX + "exported_from"] = "diffusers"
+    return meta
+
+
+def export_kohya(
+    adapter_path: str | Path,
+    out_path: str | Path,
+    family: str | None = None,
+    overwrite: bool = False,
+    base=None,
+) -> Path:
+    """Write the adapter at `adapter_path` as a kohya/A1111/ComfyUI `.safetensors` at `out_path`.
+
+    `family` is the base model family (e.g. "sd1", "sd2-v"); None reads it from the header.
+    `base`, a pipeline (e.g. the one just trained), is the model to check the keys against;
+    without it, a full-size model of the family (built on the meta device) is used.
+    Fails, naming the keys, if any module is not part of that model.
+    """
+    out_path = check_writable(out_path, overwrite)
+    adapter, fam, modules = read_for_family(adapter_path, family, base)
+    layers = _lora_only(adapter)
+    state = formats.to_kohya_state_dict(layers)
+    table = formats.kohya_table(modules)
+    names = {key.partition(".")[0] for key in state}
+    unmapped = sorted(names - table.keys())
+    if unmapped:  # cannot happen unless the key map is wrong: then never write the file
+        raise SdtuneError(f"kohya names {unmapped[:3]} map to no module of the {fam.name} model")
+    meta = kohya_metadata(layers, adapter.header, fam)
+    return write_safetensors(out_path, state, meta, overwrite)
+
+
+def export_diffusers(
+    adapter_path: str | Path,
+    out_path: str | Path,
+    family: str | None = None,
+    overwrite: bool = False,
+    base=None,
+) -> Path:
+    """Write any adapter as a diffusers-loadable file (`unet.*.lora_A/B`, alpha folded in).
+
+    LoHa/LoKr layers become LoRA at their exact rank, which needs the modules' shapes: pass
+    `base` for a model that is not full-size.
+    """
+    from sdtune.adapters.lowrank import as_lora
+
+    out_path = check_writable(out_path, overwrite)
+    adapter, fam, modules = read_for_family(adapter_path, family, base)
+    layers = {m: as_lora(layer, modules[m]) for m, layer in adapter.layers.items()}
+    meta = {k: v for k, v in adapter.header.items() if k.startswith(METADATA_PREFIX)}
+    meta[METADATA_PREFIX + "family"] = fam.name
+    meta[METADATA_PREFIX + "exported_from"] = adapter.layout
+    return write_safetensors(out_path, formats.to_peft_state_dict(layers), meta, overwrite)
+
+
+def write_layers(
+    layers: dict[str, Layer],
+    out_path: str | Path,
+    family: str,
+    layout: str = "diffusers",
+    info: dict[str, str] | None = None,
+    overwrite: bool = False,
+    modules: dict | None = None,
+) -> Path:
+    """Write LoRA layers made by merge/resize/extract in `layout` ("diffusers" or "kohya").
+
+    kohya names are checked against `modules` (default: the full-size family's).
+    """
+    from sdtune.models.families import get_family
+
+    fam = get_family(family)
+    header = {METADATA_PREFIX + k: v for k, v in (info or {}).items()}
+    header[METADATA_PREFIX + "family"] = fam.name
+    if layout == "kohya":
+        table = formats.kohya_table(modules or family_modules(fam.name))
+        unmapped = sorted(m for m in layers if formats.kohya_name(m) not in table)
+        if unmapped:
+            raise SdtuneError(f"modules {unmapped[:3]} are not part of the {fam.name} model")
+        state = formats.to_kohya_state_dict(layers)
+        return write_safetensors(out_path, state, kohya_metadata(layers, header, fam), overwrite)
+    if layout != "diffusers":
+        raise SdtuneError(f"unknown adapter layout '{layout}'; expected diffusers or kohya")
+    return write_safetensors(out_path, formats.to_peft_state_dict(layers), header, overwrite)

@@ -1,0 +1,25 @@
+"""`sdtune convert FILE --to kohya|diffusers --out OUT`: rewrite an adapter for other tools."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="an adapter file or run folder, in any layout")
+    parser.add_argument(
+        "--to", required=True, choices=["kohya", "diffusers"], help="layout to write"
+    )
+    parser.add_argument("--out", required=True, help="the .safetensors file to write")
+    parser.add_argument(
+        "--family", default=None, help="base model family; read from the file if unset"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdtune.adapters.export import export_diffusers, export_kohya
+
+    export = export_kohya if args.to == "kohya" else export_diffusers
+    print(export(args.file, args.out, args.family, overwrite=args.overwrite))
+    return 0
