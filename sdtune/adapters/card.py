@@ -53,8 +53,8 @@ def build_model_card(info: dict, samples: list[Path] | None = None, title: str =
         'sdtune: `sdtune generate --lora <this folder> --prompt "..."`.',
         "",
         "The file uses diffusers key names (`unet.*`, `text_encoder.*`). AUTOMATIC1111 and "
-        "ComfyUI read the kohya layout (`lora_unet_*`, `lora_te_*`), which this version of "
-        "sdtune does not export yet.",
+        "ComfyUI read the kohya layout (`lora_unet_*`, `lora_te_*`): make that file with "
+        "`sdtune convert pytorch_lora_weights.safetensors --to kohya --out <name>.safetensors`.",
         "",
         "## Training settings",
         "",
