@@ -21,6 +21,12 @@ class GenerationParams:
     scheduler: str = ""
     model: str = ""
     adapters: list[tuple[str, float]] = field(default_factory=list)
+    mode: str = "txt2img"
+    schedule_type: str = ""  # A1111 "Schedule type", e.g. Karras
+    denoising_strength: float | None = None  # img2img, inpaint, depth2img
+    mask: str = ""  # inpaint: the mask file's name
+    noise_level: int | None = None  # x4 upscaler
+    dtype: str = ""
 
     def to_a1111_text(self) -> str:
         """The `parameters` text chunk that AUTOMATIC1111 and civitai read back."""
@@ -30,16 +36,33 @@ class GenerationParams:
         fields = [
             f"Steps: {self.steps}",
             f"Sampler: {self.scheduler}",
+            *([f"Schedule type: {self.schedule_type}"] if self.schedule_type else []),
             f"CFG scale: {self.guidance_scale:g}",
             f"Seed: {self.seed}",
             f"Size: {self.width}x{self.height}",
             f"Model: {self.model}",
         ]
+        fields.extend(self._mode_fields())
         if self.adapters:
             fields.append("Lora: " + "; ".join(f"{Path(p).name}:{w:g}" for p, w in self.adapters))
         fields.append("Generator: sdtune")
         lines.append(", ".join(fields))
         return "\n".join(lines)
+
+    def _mode_fields(self) -> list[str]:
+        """The fields A1111 writes for image-to-image, inpainting and upscaling runs."""
+        fields = []
+        if self.denoising_strength is not None:
+            fields.append(f"Denoising strength: {self.denoising_strength:g}")
+        if self.mask:
+            fields.append(f"Mask: {self.mask}")
+        if self.noise_level is not None:
+            fields.append(f"Noise level: {self.noise_level}")
+        if self.mode != "txt2img":
+            fields.append(f"Mode: {self.mode}")
+        if self.dtype:
+            fields.append(f"Precision: {self.dtype}")
+        return fields
 
 
 def save_png(image: Image.Image, folder: str | Path, params: GenerationParams, stem: str) -> Path:

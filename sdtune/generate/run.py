@@ -1,30 +1,39 @@
-"""Generate to a folder: load the base and adapters, draw, write PNGs with their parameters."""
+"""Generate to a folder: load the base and adapters, draw in any mode, write PNGs with their
+parameters. `generate` is the in-memory API over an already loaded pipeline."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sdtune.adapters.io import read_adapter_metadata, resolve_adapter_path
 from sdtune.errors import SdtuneError
+from sdtune.generate.device import compile_unet, pick_device, pick_dtype, place_pipeline
+from sdtune.generate.engine import GenerationResult, mode_pipeline, run_request
+from sdtune.generate.modes import default_mode, get_mode
 from sdtune.generate.outputs import GenerationParams, save_grid, save_png
-from sdtune.generate.txt2img import generate_images, load_adapters
+from sdtune.generate.request import GenerationRequest, prepare_request, seeds_for
+from sdtune.generate.snapshots import make_strip
+from sdtune.generate.txt2img import load_adapters
+
+__all__ = ["GenerationRequest", "generate", "generate_to_folder", "load_base", "pick_device"]
 
 logger = logging.getLogger("sdtune.generate")
 
 
-def pick_device(requested: str | None) -> torch.device:
-    """The requested device, or CUDA when present, else the CPU; a clear error for absent CUDA."""
-    if requested is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SdtuneError(
-            f"--device {requested} was asked for but CUDA is not available here; use cpu"
-        )
-    return device
+@dataclass
+class SpeedOptions:
+    """How the model runs: device, precision and the optional CUDA speed-ups."""
+
+    device: str | None = None  # None: CUDA if present, else CPU
+    dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the U-Net (adapters get fused first)
+    cpu_offload: bool = False  # keep models on the CPU until used (small GPUs)
 
 
 def base_model_of(adapters: list[tuple[str, float]]) -> str:
@@ -34,6 +43,104 @@ def base_model_of(adapters: list[tuple[str, float]]) -> str:
         if base:
             return base
     raise SdtuneError("no base model given: pass --model (the adapters do not name their base)")
+
+
+def generate(pipe: Any, request: GenerationRequest) -> GenerationResult:
+    """Run `request` on a loaded pipeline of any family, in the request's mode.
+
+    The caller's pipeline is not changed: another mode or scheduler runs on a view sharing its
+    weights (and its adapters). Same seed and settings give the same image on the same device.
+    """
+    from sdtune.models.families import detect_family
+
+    family = detect_family(pipe).name
+    request = prepare_request(request, family)
+    target = mode_pipeline(pipe, request.mode_spec)
+    if request.scheduler is not None:
+        from sdtune.generate.schedulers import set_scheduler
+
+        if target is pipe:
+            target = type(pipe).from_pipe(pipe)
+            target.set_progress_bar_config(disable=True)
+        set_scheduler(target, request.scheduler)
+    return run_request(target, request)
+
+
+def load_base(
+    model: str,
+    family: str | None = None,
+    adapters: list[tuple[str, float]] | None = None,
+    fuse: bool = False,
+    speed: SpeedOptions | None = None,
+) -> Any:
+    """The base pipeline with adapters loaded (live, or fused), placed for speed."""
+    from sdtune.models.loading import load_pipeline
+
+    speed = speed or SpeedOptions()
+    device = pick_device(speed.device)
+    dtype = pick_dtype(device, speed.dtype)
+    pipe = load_pipeline(model, family=family, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    if speed.compile and adapters and not fuse:
+        logger.info("--compile: fusing the adapters into the weights first")
+        fuse = True
+    load_adapters(pipe, adapters or [], fuse=fuse)
+    place_pipeline(
+        pipe, device, dtype, channels_last=speed.channels_last, cpu_offload=speed.cpu_offload
+    )
+    if speed.compile:
+        compile_unet(pipe)
+    return pipe
+
+
+def _params(pipe: Any, req: GenerationRequest, model: str, adapters: list, seed: int, image):
+    from sdtune.generate.schedulers import scheduler_label
+
+    sampler, schedule = scheduler_label(pipe, req.scheduler)
+    uses_strength = "strength" in dict(req.mode_spec.arguments)
+    mask = req.mask
+    return GenerationParams(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        steps=req.steps,
+        guidance_scale=req.guidance_scale,
+        seed=seed,
+        width=image.width,
+        height=image.height,
+        scheduler=sampler,
+        model=str(model),
+        adapters=adapters,
+        mode=req.mode,
+        schedule_type=schedule,
+        denoising_strength=req.strength if uses_strength else None,
+        mask=Path(mask).name if isinstance(mask, (str, Path)) else ("image" if mask else ""),
+        noise_level=req.noise_level if req.mode == "upscale" else None,
+        dtype=str(pipe.unet.dtype).removeprefix("torch.")
+        if pipe.unet.dtype != torch.float32
+        else "",
+    )
+
+
+def save_result(
+    pipe: Any,
+    req: GenerationRequest,
+    result: GenerationResult,
+    out_dir: str | Path,
+    model: str,
+    adapters: list[tuple[str, float]],
+) -> list[Path]:
+    """PNGs per seed (with snapshot strips), and a grid for more than one image."""
+    prefix = "" if req.mode == "txt2img" else f"{req.mode}-"
+    paths = []
+    for i, (seed, image) in enumerate(zip(result.seeds, result.images, strict=True)):
+        params = _params(pipe, req, model, adapters, seed, image)
+        paths.append(save_png(image, out_dir, params, stem=f"{prefix}seed{seed}"))
+        if result.snapshots and result.snapshots[i]:
+            strip = make_strip([*result.snapshots[i], image])
+            paths.append(save_png(strip, out_dir, params, stem=f"{prefix}seed{seed}-snapshots"))
+    if len(result.images) > 1:
+        paths.append(save_grid(result.images, out_dir, stem=f"{prefix}grid-seed{result.seeds[0]}"))
+    return paths
 
 
 def generate_to_folder(
@@ -51,39 +158,45 @@ def generate_to_folder(
     width: int | None = None,
     height: int | None = None,
     device: str | None = None,
+    *,
+    mode: str | None = None,
+    seeds: list[int] | None = None,
+    batch_size: int | None = None,
+    speed: SpeedOptions | None = None,
+    **request_fields: Any,
 ) -> list[Path]:
-    from sdtune.models.loading import load_pipeline
+    """Load, generate and save; returns the written paths. `request_fields` are further
+    `GenerationRequest` fields: image, mask, depth_map, strength, noise_level, scheduler,
+    snapshots. `mode` defaults to the family's first (txt2img; inpaint for inpainting models)."""
+    from sdtune.models.families import detect_family
 
     adapters = adapters or []
-    if num_images < 1 or steps < 1:
-        raise SdtuneError("--num-images and --steps must be at least 1")
+    unknown = sorted(set(request_fields) - set(GenerationRequest.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"generate_to_folder() got unexpected arguments: {', '.join(unknown)}")
+    all_seeds = seeds_for(seed, num_images, seeds)
+    req = GenerationRequest(
+        prompt=prompt,
+        mode=mode or "txt2img",
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seeds=all_seeds,
+        batch_size=batch_size or len(all_seeds),
+        width=width,
+        height=height,
+        **request_fields,
+    )
+    if mode is not None:
+        get_mode(mode)  # a bad mode name fails before the model loads
     for path, _ in adapters:
         resolve_adapter_path(path)  # a missing adapter fails before the model loads
+    speed = speed or SpeedOptions()
+    if device is not None:
+        speed = replace(speed, device=device)
     model = model or base_model_of(adapters)
-    target = pick_device(device)
-    dtype = torch.float16 if target.type == "cuda" else torch.float32
-    pipe = load_pipeline(model, family=family, torch_dtype=dtype)
-    pipe.to(target)
-    pipe.set_progress_bar_config(disable=True)
-    load_adapters(pipe, adapters, fuse=fuse)
-    images = generate_images(
-        pipe, prompt, negative_prompt, num_images, steps, guidance_scale, seed, width, height
-    )
-    paths = []
-    for i, image in enumerate(images):
-        params = GenerationParams(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            seed=seed + i,
-            width=image.width,
-            height=image.height,
-            scheduler=type(pipe.scheduler).__name__,
-            model=str(model),
-            adapters=adapters,
-        )
-        paths.append(save_png(image, out_dir, params, stem=f"seed{seed + i}"))
-    if len(images) > 1:
-        paths.append(save_grid(images, out_dir, stem=f"grid-seed{seed}"))
-    return paths
+    pipe = load_base(model, family, adapters, fuse, speed)
+    if mode is None:
+        req = replace(req, mode=default_mode(detect_family(pipe).name))
+    result = generate(pipe, req)
+    return save_result(pipe, req, result, out_dir, str(model), adapters)

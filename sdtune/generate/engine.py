@@ -1,0 +1,99 @@
+"""The one path every mode runs through: the mode's pipeline, seeds in batches, snapshots.
+
+The base model is loaded once; `mode_pipeline` gives the pipeline of another mode over the
+same weights (diffusers' `from_pipe`), so adapters loaded on the base apply in every mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sdtune.generate.modes import Mode
+from sdtune.generate.request import GenerationRequest
+from sdtune.generate.snapshots import SnapshotRecorder
+
+
+@dataclass
+class GenerationResult:
+    """Images in seed order; per image, its snapshots (empty lists if none were asked for)."""
+
+    images: list[Any]  # PIL images, or (H, W, 3) float arrays with output_type="np"
+    seeds: list[int]
+    snapshots: list[list[Image.Image]] = field(default_factory=list)
+
+
+def mode_pipeline(pipe: Any, mode: Mode) -> Any:
+    """`pipe` itself if it already is the mode's pipeline, else one sharing its components."""
+    import diffusers
+
+    if type(pipe).__name__ == mode.pipeline_class:
+        return pipe
+    cls = getattr(diffusers, mode.pipeline_class)
+    new = cls.from_pipe(pipe)
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+def generator_device(pipe: Any) -> str:
+    """Where seeds are drawn: the pipeline's device (CPU under MPS or model offload).
+
+    Drawing on the device keeps CUDA runs reproducible on CUDA; the same seed gives the same
+    image on the same device kind, not across devices.
+    """
+    device = getattr(pipe, "_execution_device", None) or pipe.device
+    return "cpu" if torch.device(device).type in ("mps", "meta") else str(device)
+
+
+def _pipeline_kwargs(pipe: Any, req: GenerationRequest, seeds: list[int]) -> dict[str, Any]:
+    """Keyword arguments of one pipeline call for the images of `seeds`.
+
+    Prompts and input images are repeated per image rather than passed once with
+    `num_images_per_prompt`: the pipelines then draw every random number of item i (VAE
+    sample, image noise, initial latents) from generator i alone, so an image does not depend
+    on which other seeds share its batch.
+    """
+    device = generator_device(pipe)
+    n = len(seeds)
+    kwargs: dict[str, Any] = {
+        "prompt": [req.prompt] * n,
+        "negative_prompt": [req.negative_prompt] * n if req.negative_prompt else None,
+        "num_inference_steps": req.steps,
+        "guidance_scale": req.guidance_scale,
+        "generator": [torch.Generator(device).manual_seed(s) for s in seeds],
+        "output_type": req.output_type,
+    }
+    for field_name, keyword in req.mode_spec.arguments:
+        value = getattr(req, field_name)
+        if isinstance(value, Image.Image):
+            value = [value] * n
+        if value is not None:
+            kwargs[keyword] = value
+    if req.mode == "inpaint":  # inpainting defaults to the U-Net's size, not the image's
+        kwargs["width"], kwargs["height"] = req.image.size
+    return kwargs
+
+
+def _with_snapshots(pipe: Any, kwargs: dict, recorder: SnapshotRecorder) -> dict:
+    if type(pipe).__name__ == "StableDiffusionUpscalePipeline":  # only the legacy callback
+        return {**kwargs, "callback": recorder.legacy_callback(pipe), "callback_steps": 1}
+    return {**kwargs, "callback_on_step_end": recorder.on_step_end}
+
+
+@torch.no_grad()
+def run_request(pipe: Any, req: GenerationRequest) -> GenerationResult:
+    """Draw the request's images with a pipeline already in its mode (see `mode_pipeline`)."""
+    images: list[Any] = []
+    snapshots: list[list[Image.Image]] = []
+    for start in range(0, len(req.seeds), req.batch_size):
+        seeds = req.seeds[start : start + req.batch_size]
+        kwargs = _pipeline_kwargs(pipe, req, seeds)
+        recorder = SnapshotRecorder(req.snapshots)
+        if req.snapshots:
+            kwargs = _with_snapshots(pipe, kwargs, recorder)
+        images.extend(list(pipe(**kwargs).images))
+        snapshots.extend(recorder.decode(pipe) or [[] for _ in seeds])
+    return GenerationResult(images=images, seeds=list(req.seeds), snapshots=snapshots)
