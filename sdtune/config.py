@@ -167,6 +167,9 @@ class TrainConfig:
 class OutputConfig:
     dir: str = option("outputs/lora", "folder for the adapter, config, logs and samples")
     overwrite: bool = option(False, "allow writing into a folder that already holds a run")
+    export_kohya: bool = option(
+        False, "also write <run folder name>.safetensors in the kohya/A1111/ComfyUI layout"
+    )
     log_with: str = option(
         "tensorboard",
         "experiment tracker (wandb must be installed)",

@@ -437,6 +437,17 @@ def save_final(run: Run) -> Path:
     if run.accelerator.is_main_process:
         samples = [save_samples(run, "final")] if run.cfg.output.sample_prompts else []
         info = adapter_info(run.cfg, pipe, run.family, run.progress.step)
+        if run.cfg.output.export_kohya:
+            from sdtune.adapters.export import export_kohya
+
+            kohya = export_kohya(
+                path,
+                run.out / f"{run.out.name}.safetensors",
+                run.family.name,
+                overwrite=True,
+                base=pipe,
+            )
+            logger.info("kohya/A1111 file %s", kohya)
         card = write_model_card(run.out, info, [p.relative_to(run.out) for p in samples])
         logger.info("model card %s", card)
     return path

@@ -41,6 +41,7 @@ def trained(tiny_sd1_dir, star_images, tmp_path_factory):
             "train.batch_size": 4,
             "train.learning_rate": 1e-2,
             "output.dir": str(out),
+            "output.export_kohya": True,
         },
     )
     return train(cfg)
@@ -79,6 +80,13 @@ def test_reloaded_adapter_gives_identical_images(trained, tiny_sd1_dir):
     assert np.abs(base - reloaded).max() > 1e-2, "the adapter does not change the output"
     fresh.fuse_lora()
     np.testing.assert_allclose(_images(fresh), in_memory, atol=1e-4)  # fused equals live
+    kohya = trained.output_dir / f"{trained.output_dir.name}.safetensors"  # output.export_kohya
+    with safe_open(str(kohya), framework="pt") as f:
+        assert all(k.startswith(("lora_unet_", "lora_te_")) for k in f.keys())
+    other = StableDiffusionPipeline.from_pretrained(tiny_sd1_dir)
+    other.set_progress_bar_config(disable=True)
+    other.load_lora_weights(str(kohya))
+    np.testing.assert_allclose(_images(other), in_memory, atol=1e-5)
 
 
 def test_generate_in_a_new_process_matches_in_memory(trained, tmp_path):
