@@ -1,12 +1,17 @@
-"""`sdtune generate --prompt ... [--model BASE] [--lora FILE[:WEIGHT] ...]`"""
+"""`sdtune generate --prompt ... [--mode MODE] [--model BASE] [--lora FILE[:WEIGHT] ...]`"""
 
 from __future__ import annotations
 
 import argparse
 
+from sdtune.errors import SdtuneError
+
+MODES_HELP = "txt2img, img2img, inpaint, depth2img, upscale (default: the model's first)"
+SCHEDULERS_HELP = "ddim, pndm, lms, euler, euler-a, dpm++2m, dpm++2m-karras, unipc"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", required=True, help="what to draw")
+    parser.add_argument("--prompt", default="", help="what to draw")
     parser.add_argument("--negative-prompt", default="", help="what to steer away from")
     parser.add_argument(
         "--model",
@@ -22,16 +27,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="an adapter file or run folder, with an optional weight (repeatable)",
     )
     parser.add_argument("--fuse", action="store_true", help="fuse adapters into the weights")
+    _add_mode_arguments(parser)
     parser.add_argument("--num-images", type=int, default=1, help="images to make")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps")
     parser.add_argument(
         "--guidance", type=float, default=7.5, help="classifier-free guidance scale"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    parser.add_argument("--seeds", default=None, help="explicit seeds, e.g. 1,7,42")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
     parser.add_argument("--width", type=int, default=None, help="width in px (multiple of 8)")
     parser.add_argument("--height", type=int, default=None, help="height in px (multiple of 8)")
     parser.add_argument("--out", default="outputs/images", help="folder for the PNGs")
+    _add_speed_arguments(parser)
+
+
+def _add_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", default=None, help=MODES_HELP)
+    parser.add_argument("--image", default=None, help="input image (img2img, inpaint, ...)")
+    parser.add_argument("--mask", default=None, help="inpaint mask: white = repaint")
+    parser.add_argument("--depth-map", default=None, help="depth2img: greyscale, near = bright")
+    parser.add_argument(
+        "--strength", type=float, default=0.8, help="fraction of the run redone (0-1]"
+    )
+    parser.add_argument(
+        "--noise-level", type=int, default=20, help="upscale: noise on the input (0-350)"
+    )
+    parser.add_argument("--scheduler", default=None, help=SCHEDULERS_HELP)
+    parser.add_argument(
+        "--snapshots", default=None, help="fractions of the run to save as a strip: 0.25,0.5,0.75"
+    )
+
+
+def _add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ...; automatic if unset")
+    parser.add_argument("--dtype", default=None, help="fp32, fp16, bf16 (default fp16 on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    parser.add_argument("--cpu-offload", action="store_true", help="model CPU offload (CUDA)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -45,9 +78,21 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def parse_numbers(text: str | None, kind: type, flag: str) -> list:
+    """A comma-separated list of numbers, or a one-line error naming the flag."""
+    if not text:
+        return []
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SdtuneError(
+            f"{flag} takes comma-separated numbers, e.g. 0.25,0.5; got '{text}'"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from sdtune.cli.main import quiet_progress_bars
-    from sdtune.generate.run import generate_to_folder
+    from sdtune.generate.run import SpeedOptions, generate_to_folder
 
     quiet_progress_bars()
 
@@ -66,6 +111,22 @@ def run(args: argparse.Namespace) -> int:
         height=args.height,
         out_dir=args.out,
         device=args.device,
+        mode=args.mode,
+        seeds=parse_numbers(args.seeds, int, "--seeds"),
+        batch_size=args.batch_size,
+        speed=SpeedOptions(
+            dtype=args.dtype,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            cpu_offload=args.cpu_offload,
+        ),
+        image=args.image,
+        mask=args.mask,
+        depth_map=args.depth_map,
+        strength=args.strength,
+        noise_level=args.noise_level,
+        scheduler=args.scheduler,
+        snapshots=parse_numbers(args.snapshots, float, "--snapshots"),
     )
     for path in paths:
         print(path)

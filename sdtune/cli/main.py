@@ -23,6 +23,8 @@ SUBCOMMANDS = {
     "resize": ("resize", "change an adapter's rank by SVD and report what it keeps"),
     "extract": ("extract", "extract a LoRA from a fine-tuned model and its base"),
     "push": ("push", "upload a run folder (adapter + model card) to the Hugging Face Hub"),
+    "vae": ("vae", "encode/decode images with a model's VAE; report compression and error"),
+    "info": ("info", "parameter counts of a model per component and layer type"),
     "demo": ("demo", "train and sample a LoRA on a built-in tiny model, end to end"),
 }
 

@@ -45,6 +45,19 @@ def base_model_of(adapters: list[tuple[str, float]]) -> str:
     raise SdtuneError("no base model given: pass --model (the adapters do not name their base)")
 
 
+def _check_mode_before_loading(mode: str, model: str | None, family: str | None) -> None:
+    """A bad mode, or one the model's family cannot run, fails before the weights load
+    (a folder's family is read from its configs alone)."""
+    from sdtune.generate.modes import check_mode_fits
+    from sdtune.models.families import detect_family_from_folder
+
+    spec = get_mode(mode)
+    if family is not None:
+        check_mode_fits(spec, family)
+    elif model is not None and Path(model, "model_index.json").is_file():
+        check_mode_fits(spec, detect_family_from_folder(model).name)
+
+
 def generate(pipe: Any, request: GenerationRequest) -> GenerationResult:
     """Run `request` on a loaded pipeline of any family, in the request's mode.
 
@@ -187,14 +200,14 @@ def generate_to_folder(
         height=height,
         **request_fields,
     )
-    if mode is not None:
-        get_mode(mode)  # a bad mode name fails before the model loads
     for path, _ in adapters:
         resolve_adapter_path(path)  # a missing adapter fails before the model loads
+    model = model or base_model_of(adapters)
+    if mode is not None:
+        _check_mode_before_loading(mode, str(model), family)
     speed = speed or SpeedOptions()
     if device is not None:
         speed = replace(speed, device=device)
-    model = model or base_model_of(adapters)
     pipe = load_base(model, family, adapters, fuse, speed)
     if mode is None:
         req = replace(req, mode=default_mode(detect_family(pipe).name))
