@@ -55,7 +55,8 @@ def seeds_for(seed: int = 0, num_images: int = 1, seeds: list[int] | None = None
     return [seed + i for i in range(num_images)]
 
 
-def _check_numbers(req: GenerationRequest) -> None:
+def check_numbers(req: GenerationRequest) -> None:
+    """Counts, sizes and fractions in range (no model needed); warns about low guidance."""
     if req.steps < 1:
         raise SdtuneError(f"--steps must be at least 1, got {req.steps}")
     if req.batch_size < 1:
@@ -93,7 +94,7 @@ def prepare_request(req: GenerationRequest, family: str) -> GenerationRequest:
     """Check `req` against the model family and read its files; returns a ready copy."""
     mode = get_mode(req.mode)
     check_mode_fits(mode, family)
-    _check_numbers(req)
+    check_numbers(req)
     for name in mode.required:
         if getattr(req, name) is None:
             flag = name.replace("_", "-")

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import torch
 from PIL import Image
-
-from sdtune.errors import SdtuneError
 
 
 def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False) -> None:
@@ -35,20 +32,24 @@ def generate_images(
     width: int | None = None,
     height: int | None = None,
 ) -> list[Image.Image]:
-    """Images for seeds seed, seed+1, ...: each image depends only on its own seed."""
-    for name, value in (("width", width), ("height", height)):
-        if value is not None and (value < 8 or value % 8):
-            raise SdtuneError(f"{name} must be a positive multiple of 8, got {value}")
-    device = pipe.device if pipe.device.type != "mps" else "cpu"
-    generators = [torch.Generator(device).manual_seed(seed + i) for i in range(num_images)]
-    result = pipe(
+    """Images for seeds seed, seed+1, ...: each image depends only on its own seed.
+
+    The text-to-image case of `sdtune.generate.run.generate`, kept for the training loop's
+    samples; it runs through the same request path as every other mode.
+    """
+    from sdtune.generate.engine import run_request
+    from sdtune.generate.request import GenerationRequest, check_numbers, seeds_for
+
+    seeds = seeds_for(seed, num_images)
+    request = GenerationRequest(
         prompt=prompt,
-        negative_prompt=negative_prompt or None,
-        num_images_per_prompt=num_images,
-        num_inference_steps=steps,
+        negative_prompt=negative_prompt,
+        steps=steps,
         guidance_scale=guidance_scale,
-        generator=generators,
+        seeds=seeds,
+        batch_size=len(seeds),
         width=width,
         height=height,
     )
-    return result.images
+    check_numbers(request)
+    return run_request(pipe, request).images
