@@ -78,3 +78,5 @@ def test_cli_bad_numbers_and_cuda_absent(tiny_sd1_dir, tmp_path, capsys):
 
     if not torch.cuda.is_available():
         assert "CUDA is not available" in _cli_error(capsys, *model, "--device", "cuda")
+        line = _cli_error(capsys, *model, "--cpu-offload", "--steps", "1")
+        assert "--cpu-offload needs a CUDA device" in line

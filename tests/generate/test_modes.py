@@ -12,8 +12,9 @@ from sdtune.generate.run import GenerationRequest, generate
 from sdtune.generate.txt2img import load_adapters
 from tests.generate.conftest import make_adapter, tiny
 
-# Measured on this CPU: fused vs live max |diff| <= 3e-6 on [0, 1] pixels; unfuse+unload vs the
-# base <= 1e-6. The tolerances leave a margin of ~30x.
+# Measured on this CPU over the cases below: fused vs live max |diff| <= 6e-6 on [0, 1] pixels;
+# fuse, unfuse and unload vs the base <= 6e-6 (live unload alone is bit-exact, see
+# test_adapters.py). The tolerances leave a margin of ~15x.
 FUSED_ATOL = 1e-4
 UNLOADED_ATOL = 1e-4
 
