@@ -46,27 +46,19 @@ def save_samples(run, stem: str) -> Path:
 
 
 def _draw_sample(run, prompt: str, steps: int, seed: int, size: int):
-    """One image; an inpainting model repaints a blank canvas whole (text-to-image for it)."""
+    """One image through `sdtune generate`'s own path; an inpainting model repaints a blank
+    canvas whole (its text-to-image)."""
     from PIL import Image
 
-    from sdtune.generate.txt2img import generate_images
+    from sdtune.generate.run import GenerationRequest, generate
 
-    if run.family.unet_in_channels != 9:
-        return generate_images(run.pipe, prompt, steps=steps, seed=seed, width=size, height=size)[0]
-    generator = torch.Generator(run.pipe.device).manual_seed(seed)
-    canvas, mask = (
-        Image.new("RGB", (size, size), (127, 127, 127)),
-        Image.new("L", (size, size), 255),
-    )
-    return run.pipe(
-        prompt=prompt,
-        image=canvas,
-        mask_image=mask,
-        num_inference_steps=steps,
-        generator=generator,
-        height=size,
-        width=size,
-    ).images[0]
+    request = GenerationRequest(prompt=prompt, steps=steps, seeds=[seed], width=size, height=size)
+    if run.family.unet_in_channels == 9:
+        request.mode = "inpaint"
+        request.image = Image.new("RGB", (size, size), (127, 127, 127))
+        request.mask = Image.new("L", (size, size), 255)
+        request.strength = 1.0
+    return generate(run.pipe, request).images[0]
 
 
 def _log_image(run, path: Path) -> None:
