@@ -152,6 +152,7 @@ def train(cfg: RunConfig) -> TrainResult:
     pipe, family = load_base(cfg)
     resuming = cfg.train.resume is not None
     out = prepare_output_dir(cfg.output.dir, cfg.output.overwrite or resuming)
+    _forget_earlier_runs()
     accelerator = Accelerator(
         # Without CUDA, `cpu=True` lets accelerate see the processes torchrun or
         # `accelerate launch` started (gloo); otherwise each would train alone.
@@ -171,6 +172,17 @@ def train(cfg: RunConfig) -> TrainResult:
     adapter_path = save_final(run)
     accelerator.end_training()
     return TrainResult(out, adapter_path, run.progress.step, last_loss, pipe)
+
+
+def _forget_earlier_runs() -> None:
+    """accelerate keeps its settings in process-wide state and refuses different ones for a second
+    Accelerator; a notebook or test that trains twice (say fp32, then bf16) needs it cleared.
+    Only in a single process: under torchrun the state holds the process group."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    if PartialState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) -> Run:

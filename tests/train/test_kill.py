@@ -1,4 +1,7 @@
-"""A real kill -9 in the middle of a run, then `train.resume=latest`: the same adapter, bitwise."""
+"""A real kill -9 in the middle of a run, then `train.resume=latest`: the same adapter, bitwise.
+
+All three runs go through the CLI in fresh processes, so they share the same thread settings
+(CPU kernels with other thread counts may round differently)."""
 
 import signal
 import subprocess
@@ -8,15 +11,18 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from sdtune.config import load_config
 from sdtune.train.checkpoint import list_checkpoints
-from sdtune.train.loop import train
+
+
+def _command(settings: dict, out, *extra):
+    args = [f"{k}={v}" for k, v in settings.items()] + [f"output.dir={out}", *extra]
+    return [sys.executable, "-m", "sdtune.cli.main", "train", *args]
 
 
 def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_sd1_dir, star_images, tmp_path):
     settings = {
-        "model.path": str(tiny_sd1_dir),
-        "data.dir": str(star_images),
+        "model.path": tiny_sd1_dir,
+        "data.dir": star_images,
         "data.resolution": 64,
         "data.random_flip": "true",
         "train.batch_size": 2,
@@ -26,13 +32,13 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_sd1_dir, star_imag
         "train.keep_checkpoints": 2,
         "lora.rank": 4,
     }
-    whole = train(load_config(None, {**settings, "output.dir": str(tmp_path / "whole")}))
+    whole = subprocess.run(
+        _command(settings, tmp_path / "whole"), capture_output=True, text=True, timeout=600
+    )
+    assert whole.returncode == 0, whole.stderr[-2000:]
     out = tmp_path / "killed"
-    args = [f"{k}={v}" for k, v in settings.items()] + [f"output.dir={out}"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sdtune.cli.main", "train", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        _command(settings, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 300
     while not list_checkpoints(out) or list_checkpoints(out)[-1].name < "step-000012":
@@ -42,9 +48,12 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_sd1_dir, star_imag
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: maybe mid-step, maybe mid-write
     proc.wait()
     assert not (out / "pytorch_lora_weights.safetensors").exists()
-    resumed = train(
-        load_config(None, {**settings, "output.dir": str(out), "train.resume": "latest"})
+    resumed = subprocess.run(
+        _command(settings, out, "train.resume=latest"), capture_output=True, text=True, timeout=600
     )
-    first, second = load_file(str(whole.adapter_path)), load_file(str(resumed.adapter_path))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    first = load_file(str(tmp_path / "whole" / "pytorch_lora_weights.safetensors"))
+    second = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
