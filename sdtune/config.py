@@ -69,6 +69,9 @@ class DataConfig:
     caption_dropout: float = option(
         0.0, "chance of an empty caption per item and epoch (trains the unconditional case)"
     )
+    validation_split: float = option(
+        0.0, "share of the images held out for a validation loss (seeded); 0 uses them all"
+    )
     class_dir: str = option(
         "", "DreamBooth class images for prior preservation (missing ones are generated)"
     )
@@ -174,6 +177,9 @@ class OutputConfig:
         "tensorboard",
         "experiment tracker (wandb must be installed)",
         ("tensorboard", "wandb", "all", "none"),
+    )
+    validation_every_n_steps: int = option(
+        0, "steps between validation losses (needs data.validation_split); also at the end"
     )
     sample_prompts: list[str] = option(
         [], "prompts of sample images during and after training (on the command line: a|b)"
@@ -399,6 +405,12 @@ def validate_config(cfg: RunConfig) -> None:
         ),
         (cfg.data.num_class_images >= 0, "data.num_class_images", "must be 0 or more"),
         (cfg.train.prior_loss_weight >= 0, "train.prior_loss_weight", "must be 0 or more"),
+        (0.0 <= cfg.data.validation_split < 1.0, "data.validation_split", "must be in [0, 1)"),
+        (
+            cfg.output.validation_every_n_steps >= 0,
+            "output.validation_every_n_steps",
+            "must be 0 or more",
+        ),
         (cfg.output.sample_every_n_steps >= 0, "output.sample_every_n_steps", "must be 0 or more"),
         (cfg.output.dir != "", "output.dir", "is required"),
         (cfg.output.sample_steps >= 1, "output.sample_steps", "must be at least 1"),

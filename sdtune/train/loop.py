@@ -47,6 +47,11 @@ from sdtune.train.setup import (
     load_base,
     trackers,
 )
+from sdtune.train.validation import (
+    build_validation_loader,
+    compute_validation_loss,
+    split_validation,
+)
 
 logger = logging.getLogger("sdtune.train")
 
@@ -89,6 +94,7 @@ class Run:
     objective: Objective
     dtype: torch.dtype
     ema: AdapterEMA | None = None
+    validation: object = None  # loader of held-out images, when data.validation_split is set
     progress: Progress = field(default_factory=Progress)
 
 
@@ -108,8 +114,11 @@ def _randn(like: torch.Tensor, generators: list[torch.Generator]) -> torch.Tenso
     return randn_tensor(like.shape, generator=generators, device=like.device, dtype=like.dtype)
 
 
-def training_step(batch, run: Run) -> torch.Tensor:
-    """One loss evaluation: encode, noise, predict, compare. Returns the scalar loss."""
+def training_step(batch, run: Run, timestep: int | None = None) -> torch.Tensor:
+    """One loss evaluation: encode, noise, predict, compare. Returns the scalar loss.
+
+    `timestep` fixes the noise level of every item (validation); training draws one per item.
+    """
     obj, vae = run.objective, run.pipe.vae
     pixels = batch["pixel_values"].to(vae.device, dtype=run.dtype)
     gens = item_generators(run.cfg.train.seed, batch["draws"], pixels.device)
@@ -123,6 +132,8 @@ def training_step(batch, run: Run) -> torch.Tensor:
     timesteps = torch.cat(
         [torch.randint(0, steps, (1,), generator=g, device=g.device) for g in gens]
     )
+    if timestep is not None:
+        timesteps = torch.full_like(timesteps, timestep)
     model_noise = noise
     if obj.input_perturbation:  # the input gets extra noise; the target stays the clean noise
         model_noise = noise + obj.input_perturbation * _randn(noise, gens)
@@ -203,8 +214,9 @@ def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) ->
     param_groups = add_lora_adapters(pipe, cfg)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(pipe, cfg.lora.train_text_encoder)
+    samples, held_out = split_validation(report.samples, cfg.data.validation_split, cfg.train.seed)
     loader, sampler = build_dataloader(
-        report.samples,
+        samples,
         cfg,
         pipe.tokenizer,
         accelerator.process_index,
@@ -236,6 +248,9 @@ def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) ->
         dtype,
         ema,
     )
+    if held_out:
+        run.validation = build_validation_loader(held_out, cfg, pipe.tokenizer)
+        logger.info("validation: %d held-out images", len(held_out))
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune")
         _log_summary(run, len(loader.dataset))
@@ -394,9 +409,20 @@ def _maybe_checkpoint_and_sample(run: Run) -> None:
     every = cfg.train.checkpoint_every_n_steps
     if every and step % every == 0 and step < cfg.train.max_steps:
         save_checkpoint(run)
+    every = cfg.output.validation_every_n_steps
+    if every and run.validation is not None and step % every == 0 and step < cfg.train.max_steps:
+        validate(run)
     every = cfg.output.sample_every_n_steps
     if every and step % every == 0 and cfg.output.sample_prompts and step < cfg.train.max_steps:
         save_samples(run, f"step{step:06d}")
+
+
+def validate(run: Run) -> float:
+    """Log the held-out loss at this step (every process computes it; the main one logs)."""
+    value = compute_validation_loss(run, run.validation, training_step)
+    run.accelerator.log({"val_loss": value}, step=run.progress.step)
+    logger.info("step %d  validation loss %.4f", run.progress.step, value)
+    return value
 
 
 def save_checkpoint(run: Run) -> Path | None:
@@ -442,6 +468,8 @@ def restore_checkpoint(run: Run, folder: Path) -> None:
 
 def save_final(run: Run) -> Path:
     """The adapter (and its EMA), a sample image and the model card."""
+    if run.validation is not None:
+        validate(run)
     path = _save_adapter_files(run, run.out)
     pipe = run.pipe
     pipe.unet = run.accelerator.unwrap_model(run.unet).eval()

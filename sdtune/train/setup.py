@@ -169,8 +169,25 @@ def build_dataloader(
         dataset = PriorPreservationDataset(dataset, dataset_of(class_samples, CaptionAugment()))
     warn_long_captions([s.caption for s in samples], [s.image_path for s in samples], tokenizer)
 
+    collate = make_collate(tokenizer, paired=bool(class_samples))
+    sampler = EpochShuffleSampler(len(dataset), cfg.train.seed, rank, world_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.train.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,  # workers must see the sampler's epoch each pass
+    )
+    return loader, sampler
+
+
+def make_collate(tokenizer, paired: bool = False):
+    """Batch items: stacked pixels, token ids of the captions, and the items' draw numbers."""
+
     def collate(items: list[dict]) -> dict:
-        if class_samples:
+        if paired:
             batch = collate_pairs(items)
         else:
             batch = {
@@ -187,17 +204,7 @@ def build_dataloader(
         ).input_ids
         return batch
 
-    sampler = EpochShuffleSampler(len(dataset), cfg.train.seed, rank, world_size)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
-        collate_fn=collate,
-        num_workers=cfg.train.num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,  # workers must see the sampler's epoch each pass
-    )
-    return loader, sampler
+    return collate
 
 
 def build_objective(cfg: RunConfig, scheduler) -> Objective:

@@ -1,0 +1,66 @@
+"""A validation loss on held-out images: the same items, noise and noise levels every time,
+so its curve moves only when the adapter does (a rising curve while the training loss falls
+means the adapter memorises its images)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch.utils.data import DataLoader
+
+from sdtune.data.dataset import ImageCaptionDataset
+from sdtune.train.setup import make_collate
+
+NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fractions of the schedule, from light to heavy noise
+VALIDATION_DRAW_OFFSET = 1 << 41  # held-out items draw noise far from any training item
+
+
+def split_validation(samples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training samples, held-out samples): a seeded choice of at least one image if asked."""
+    if fraction <= 0 or len(samples) < 2:
+        return samples, []
+    count = min(len(samples) - 1, max(1, round(len(samples) * fraction)))
+    held = set(random.Random(seed).sample(range(len(samples)), count))
+    return (
+        [s for i, s in enumerate(samples) if i not in held],
+        [s for i, s in enumerate(samples) if i in held],
+    )
+
+
+def build_validation_loader(samples: list, cfg, tokenizer) -> DataLoader:
+    """Held-out items in a fixed order, centre-cropped, unflipped, captions as written."""
+    dataset = ImageCaptionDataset(
+        samples,
+        cfg.data.resolution,
+        center_crop=True,
+        random_flip=False,
+        repeats=1,
+        seed=cfg.train.seed,
+    )
+    return DataLoader(
+        dataset, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=make_collate(tokenizer)
+    )
+
+
+@torch.no_grad()
+def compute_validation_loss(run, loader: DataLoader, step_fn) -> float:
+    """Mean loss over the held-out items at each of NOISE_LEVELS (`step_fn` is the loop's own
+    loss: the same encode, noise, predict, compare)."""
+    from sdtune.train import checkpoint as ckpt
+
+    rng, modes = ckpt.capture_rng_state(), (run.unet.training, run.text_encoder.training)
+    run.unet.eval()
+    run.text_encoder.eval()
+    last = len(run.objective.alphas_cumprod) - 1
+    total, count = 0.0, 0
+    for batch in loader:
+        batch["draws"] = [VALIDATION_DRAW_OFFSET + d for d in batch["draws"]]
+        for level in NOISE_LEVELS:
+            loss = step_fn(batch, run, timestep=round(level * last))
+            total += loss.item() * len(batch["draws"])
+            count += len(batch["draws"])
+    run.unet.train(modes[0])
+    run.text_encoder.train(modes[1])
+    ckpt.restore_rng_state(rng)
+    return total / max(count, 1)
