@@ -52,6 +52,13 @@ class DataConfig:
     resolution: int = option(512, "training size in pixels (square); a multiple of 8")
     center_crop: bool = option(True, "crop the centre (true) or a random square (false)")
     random_flip: bool = option(False, "flip images left-right at random")
+    bucketing: bool = option(
+        False, "aspect-ratio buckets of about resolution² pixels instead of square crops"
+    )
+    bucket_step: int = option(64, "bucket sides are multiples of this many pixels")
+    max_aspect: float = option(3.0, "most elongated bucket (long side / short side)")
+    upscale: bool = option(False, "blow small images up to their bucket (else smaller bucket)")
+    pad: bool = option(False, "fit whole images into buckets and pad, instead of cropping")
     repeats: int = option(1, "times each image is seen per epoch")
     image_column: str = option("file_name", "metadata.jsonl/csv column naming the image file")
     caption_column: str = option("text", "metadata.jsonl/csv column holding the caption")
@@ -227,7 +234,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Turn a YAML value or an override string into the declared type, or fail naming the key."""
     optional = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
     base = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if optional else tp
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+    if value is None or (
+        optional and isinstance(value, str) and value.lower() in ("none", "null", "~")
+    ):
         if optional:
             return None
         raise SdtuneError(f"{key} cannot be empty; expected {_type_name(tp)}")
@@ -268,11 +277,11 @@ def _set_option(cfg: RunConfig, key: str, value: Any) -> None:
     all_keys = [k for k, _, _ in iter_options()]
     parts = key.split(".")
     if len(parts) != 2 or parts[0] not in SECTIONS:
-        raise SdtuneError(f"unknown config key '{key}'{_closest(key, all_keys)}")
+        raise SdtuneError(f"unknown config key {key!r}{_closest(key, all_keys)}")
     section, name = parts
     options = {f.name: (f, tp) for k, f, tp in iter_options() if k.startswith(section + ".")}
     if name not in options:
-        raise SdtuneError(f"unknown config key '{key}'{_closest(key, all_keys)}")
+        raise SdtuneError(f"unknown config key {key!r}{_closest(key, all_keys)}")
     f, tp = options[name]
     coerced = _coerce(key, value, tp)
     choices = f.metadata.get("choices")
@@ -318,6 +327,10 @@ def load_config(
             raise SdtuneError(f"config file '{path}' does not exist")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise SdtuneError(
+                f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            ) from None
         except yaml.YAMLError as exc:
             raise SdtuneError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         for key, value in _flatten(data, str(path)).items():
@@ -405,6 +418,17 @@ def validate_config(cfg: RunConfig) -> None:
         ),
         (cfg.data.num_class_images >= 0, "data.num_class_images", "must be 0 or more"),
         (cfg.train.prior_loss_weight >= 0, "train.prior_loss_weight", "must be 0 or more"),
+        (
+            cfg.data.bucket_step >= 8 and cfg.data.bucket_step % 8 == 0,
+            "data.bucket_step",
+            "must be a positive multiple of 8",
+        ),
+        (cfg.data.max_aspect >= 1.0, "data.max_aspect", "must be at least 1"),
+        (
+            not (cfg.data.bucketing and cfg.data.class_dir),
+            "data.bucketing",
+            "cannot be combined with data.class_dir (prior preservation) yet; turn one off",
+        ),
         (0.0 <= cfg.data.validation_split < 1.0, "data.validation_split", "must be in [0, 1)"),
         (
             cfg.output.validation_every_n_steps >= 0,

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Sampler
 from sdtune.data.captions import CaptionAugment, caption_rng
 from sdtune.data.images import ImageDecodeError
 from sdtune.data.sources import Sample
-from sdtune.data.transforms import resize_and_crop, to_tensor
+from sdtune.data.transforms import fit_to_bucket, resize_and_crop, to_tensor
 from sdtune.errors import SdtuneError
 
 logger = logging.getLogger("sdtune.data")
@@ -44,6 +44,8 @@ class ImageCaptionDataset(Dataset):
         repeats: int = 1,
         seed: int = 0,
         augment: CaptionAugment | None = None,
+        buckets: list[tuple[int, int]] | None = None,
+        crop: str | None = None,
     ) -> None:
         self.samples = samples
         self.resolution = resolution
@@ -53,6 +55,8 @@ class ImageCaptionDataset(Dataset):
         self.seed = seed
         self.augment = augment or CaptionAugment()
         self.failed: dict[Path, str] = {}  # per process: workers keep their own copy
+        self.buckets = buckets  # (width, height) per sample; None: square `resolution` crops
+        self.crop = crop or ("center" if center_crop else "random")
 
     def __len__(self) -> int:
         return len(self.samples) * self.repeats
@@ -62,7 +66,10 @@ class ImageCaptionDataset(Dataset):
         epoch, index = divmod(index, len(self))
         sample, image = self._load_with_fallback(index)
         rng = random.Random(self.seed * 1_000_003 + index)
-        img = resize_and_crop(image, self.resolution, self.center_crop, rng)
+        if self.buckets is None:
+            img = resize_and_crop(image, self.resolution, self.center_crop, rng)
+        else:
+            img = fit_to_bucket(image, self.buckets[index % len(self.samples)], self.crop, rng)
         pixels = to_tensor(img)
         if self.random_flip and rng.random() < 0.5:
             pixels = pixels.flip(-1)

@@ -27,6 +27,7 @@ class Sample:
     image_path: Path  # the file, or a label such as `data[train][3]` for a dataset row
     caption: str
     ref: Any = None  # where the image is when it is not a file: an object with .load()
+    size: tuple[int, int] | None = None  # (width, height) upright, when known from the scan
 
     def load(self) -> Image.Image:
         return self.ref.load() if self.ref is not None else load_image(self.image_path)
@@ -125,7 +126,7 @@ def scan_image_folder(
             report.skipped.append((path, f"listed in {entry.where} but the file does not exist"))
             continue
         try:
-            load_image(path)  # decode once now, so a bad file is reported before training starts
+            size = load_image(path).size  # decoded now, so a bad file is reported before training
         except ImageDecodeError as exc:
             report.skipped.append((path, str(exc)))
             continue
@@ -137,7 +138,7 @@ def scan_image_folder(
             source = "the template"
         report.caption_sources[source] += 1
         caption = build_caption(raw, path, caption_template, trigger, tag_separator)
-        report.samples.append(Sample(path, caption))
+        report.samples.append(Sample(path, caption, size=size))
     if not report.samples:
         _raise_empty(root, len(shown), recursive)
     return report

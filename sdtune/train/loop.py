@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,6 +274,12 @@ def _build_lr_scheduler(cfg: RunConfig, optimizer, num_processes: int):
 
 def _log_summary(run: Run, items: int) -> None:
     t, acc = run.cfg.train, run.accelerator
+    buckets = getattr(run.loader.dataset, "buckets", None)
+    if buckets:
+        counts = Counter(buckets)
+        logger.info(
+            "buckets: %s", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items()))
+        )
     effective = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
     logger.info(
         "family %s (%s) | %d items per epoch | %s trainable LoRA parameters | batch %d x %d "

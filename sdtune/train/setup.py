@@ -18,6 +18,7 @@ from sdtune.adapters.lora import (
     resolve_unet_targets,
 )
 from sdtune.config import RunConfig
+from sdtune.data.buckets import BucketBatchSampler, assign_bucket, build_buckets
 from sdtune.data.captions import CaptionAugment, warn_long_captions
 from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset
 from sdtune.data.dreambooth import PriorPreservationDataset, collate_pairs
@@ -165,22 +166,48 @@ def build_dataloader(
         )
 
     dataset = dataset_of(samples, CaptionAugment.from_config(d))
+    if d.bucketing:
+        dataset.buckets = assign_buckets(samples, cfg)
+        dataset.crop = "pad" if d.pad else ("center" if d.center_crop else "random")
     if class_samples:
         dataset = PriorPreservationDataset(dataset, dataset_of(class_samples, CaptionAugment()))
     warn_long_captions([s.caption for s in samples], [s.image_path for s in samples], tokenizer)
 
     collate = make_collate(tokenizer, paired=bool(class_samples))
-    sampler = EpochShuffleSampler(len(dataset), cfg.train.seed, rank, world_size)
+    if d.bucketing:
+        per_index = [dataset.buckets[i % len(samples)] for i in range(len(dataset))]
+        sampler = BucketBatchSampler(
+            per_index,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            rank,
+            world_size,
+            cfg.train.gradient_accumulation_steps,
+        )
+        batching = {"batch_sampler": sampler}
+    else:
+        sampler = EpochShuffleSampler(len(dataset), cfg.train.seed, rank, world_size)
+        batching = {"batch_size": cfg.train.batch_size, "sampler": sampler}
     loader = DataLoader(
         dataset,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
+        **batching,
         collate_fn=collate,
         num_workers=cfg.train.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,  # workers must see the sampler's epoch each pass
     )
     return loader, sampler
+
+
+def assign_buckets(samples, cfg: RunConfig) -> list[tuple[int, int]]:
+    """The (width, height) bucket of each sample; a sample of unknown size gets the square."""
+    d = cfg.data
+    buckets = build_buckets(d.resolution, d.bucket_step, d.max_aspect)
+    square = (d.resolution, d.resolution)
+    return [
+        assign_bucket(s.size, buckets, d.bucket_step, d.upscale) if s.size else square
+        for s in samples
+    ]
 
 
 def make_collate(tokenizer, paired: bool = False):
