@@ -6,7 +6,6 @@ safetensors header and the LoRA down-projection shapes.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from sdtune.adapters.io import METADATA_PREFIX, resolve_adapter_path
+from sdtune.adapters.io import METADATA_PREFIX, read_diffusers_metadata, resolve_adapter_path
 from sdtune.errors import SdtuneError
 
 # The down-projection (rank x in) of each LoRA pair, in every naming people use.
@@ -118,11 +117,15 @@ def inspect_adapter(path: str | Path) -> AdapterSummary:
             if k != "format"
         },
     )
-    peft_alpha = _peft_alphas(header)
+    peft_alpha = _peft_alphas(read_diffusers_metadata(header, path))
     for key in keys:
         match = _DOWN.search(key)
         if not match:
             continue
+        if len(shapes[key]) < 2:
+            raise SdtuneError(
+                f"'{path}': {key} has shape {shapes[key]}; a LoRA weight must be a matrix"
+            )
         module = key[: match.start()]
         rank = shapes[key][0]
         summary.modules += 1
@@ -144,11 +147,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _peft_alphas(header: dict[str, str]) -> dict[str, str]:
-    raw = header.get("lora_adapter_metadata")
-    if not raw:
-        return {}
-    meta = json.loads(raw)
+def _peft_alphas(meta: dict) -> dict[str, str]:
     return {
         part: f"{meta[part + '.lora_alpha']:g}"
         for part in ("unet", "text_encoder")

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sdtune import __version__
@@ -65,10 +65,23 @@ def save_adapter(
     for key, value in (info or {}).items():
         header[METADATA_PREFIX + key] = value if isinstance(value, str) else json.dumps(value)
     path = folder / file_name
-    tmp = folder / (file_name + ".tmp")
-    save_file(state, str(tmp), metadata=header)
-    tmp.replace(path)
+    _write_then_rename(state, path, header)
     return path
+
+
+def _write_then_rename(state: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
+    """Write `path.tmp`, then rename it to `path`; a failed write (disk full, no permission)
+    removes the partial file, leaves any earlier `path` as it was, and is a one-line error."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(state, str(tmp), metadata=header)
+        tmp.replace(path)
+    except (OSError, SafetensorError) as exc:
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SdtuneError(
+            f"cannot write '{path}': {reason}; free space or fix permissions"
+        ) from None
 
 
 def read_adapter_metadata(path: str | Path) -> dict[str, str]:
@@ -112,8 +125,39 @@ def write_safetensors(
     """Write `tensors` to `path` through a temporary name, never replacing a file unasked."""
     path = check_writable(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     header = {"format": "pt", **metadata}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
-    tmp.replace(path)
+    _write_then_rename({k: v.contiguous() for k, v in tensors.items()}, path, header)
     return path
+
+
+def read_diffusers_metadata(header: dict[str, str], path: str | Path) -> dict:
+    """diffusers' adapter metadata (`lora_adapter_metadata`) as a dict; {} when absent.
+
+    A header someone edited by hand can hold anything, so a value that is not a JSON object
+    of fields is a one-line error naming the file instead of a JSON traceback.
+    """
+    raw = header.get(DIFFUSERS_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        meta = exc
+    if not isinstance(meta, dict):
+        raise SdtuneError(
+            f"'{path}': header key {DIFFUSERS_METADATA_KEY} is not a JSON object of adapter "
+            "settings; remove the key or re-save the adapter"
+        )
+    for key, value in meta.items():
+        if key.endswith(".alpha_pattern") and isinstance(value, dict):
+            alphas = list(value.values())
+        elif key.endswith((".lora_alpha", ".alpha_pattern")) and value is not None:
+            alphas = [value]
+        else:
+            continue
+        if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in alphas):
+            shown = repr(value)[:80]
+            raise SdtuneError(
+                f"'{path}': header {DIFFUSERS_METADATA_KEY} {key} is {shown}, not numbers"
+            )
+    return meta

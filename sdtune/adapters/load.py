@@ -20,7 +20,12 @@ from safetensors import safe_open
 
 from sdtune.adapters import formats
 from sdtune.adapters.formats import Layer
-from sdtune.adapters.io import ADAPTER_FILE_NAME, DIFFUSERS_METADATA_KEY, METADATA_PREFIX
+from sdtune.adapters.io import (
+    ADAPTER_FILE_NAME,
+    DIFFUSERS_METADATA_KEY,
+    METADATA_PREFIX,
+    read_diffusers_metadata,
+)
 from sdtune.errors import SdtuneError
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -106,12 +111,13 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise SdtuneError(f"'{path}' is not a readable safetensors file: {exc}") from None
 
 
-def _diffusers_alphas(layers: dict[str, Layer], header: dict[str, str]) -> dict[str, float]:
+def _diffusers_alphas(
+    layers: dict[str, Layer], header: dict[str, str], path: Path
+) -> dict[str, float]:
     """Per-module alphas from diffusers' adapter metadata (lora_alpha and alpha_pattern)."""
-    raw = header.get(DIFFUSERS_METADATA_KEY)
-    if not raw:
+    meta = read_diffusers_metadata(header, path)
+    if not meta:
         return {}
-    meta = json.loads(raw)
     alphas = {}
     for module in layers:
         part, _, name = module.partition(".")
@@ -149,10 +155,23 @@ def read_adapter(path: str | Path, modules: dict[str, torch.Size]) -> Adapter:
         layers = _peft_layers(state, file.parent / PEFT_CONFIG)
     else:
         layers = formats.parse_diffusers(state)
-        for module, alpha in _diffusers_alphas(layers, header).items():
+        for module, alpha in _diffusers_alphas(layers, header, file).items():
             layers[module].alpha = alpha
+    _check_tensors(layers, file)
     dora = any("lora_magnitude_vector" in key for key in state)
     return Adapter(file, layout, layers, header, dora)
+
+
+def _check_tensors(layers: dict[str, Layer], file: Path) -> None:
+    """LoRA halves are floating-point matrices (or conv kernels); anything else is a bad file."""
+    for module, layer in layers.items():
+        tensors = [layer.down, layer.up] if layer.kind == "lora" else list(layer.factors.values())
+        for t in tensors:
+            if not t.is_floating_point() or t.ndim < 2:
+                raise SdtuneError(
+                    f"adapter '{file}': module '{module}' holds a {t.dtype} tensor of shape "
+                    f"{tuple(t.shape)}; LoRA weights must be floating-point matrices"
+                )
 
 
 def _fits(layer: Layer, shape: torch.Size) -> bool:
@@ -237,7 +256,12 @@ def attach_adapter(pipe, path: str | Path, adapter_name: str) -> Adapter:
         source = formats.to_peft_state_dict(layers)
     try:
         pipe.load_lora_weights(source, adapter_name=adapter_name)
-    except (ValueError, RuntimeError, KeyError) as exc:
+    except (
+        ValueError,
+        RuntimeError,
+        KeyError,
+        TypeError,
+    ) as exc:  # TypeError: unknown header field
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SdtuneError(
             f"adapter '{adapter.path}' does not fit the base model: {first}"

@@ -65,14 +65,18 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` under `root/checkpoints/`, then prune to the newest `keep_last`."""
     folder = root / CHECKPOINTS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".tmp-{checkpoint_name(step)}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # a torn write of an earlier, killed attempt
-    tmp.mkdir()
-    write_adapter(tmp)
-    torch.save(state, tmp / STATE_FILE)
-    (tmp / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a torn write of an earlier, killed attempt
+        tmp.mkdir()
+        write_adapter(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
+    except (OSError, SdtuneError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint behind
+        _raise_write_failed(root, tmp, step, exc)
     final = folder / checkpoint_name(step)
     if final.exists():  # the same step saved again after a resume: replace it whole
         shutil.rmtree(final)
@@ -81,6 +85,20 @@ def save_checkpoint(
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _raise_write_failed(root: Path, tmp: Path, step: int, exc: Exception) -> None:
+    """Stop the run with one line: what failed, and which checkpoint is still there to resume."""
+    if isinstance(exc, OSError):
+        where = exc.filename or tmp
+        reason = f"cannot write '{where}': {exc.strerror or exc}"
+    else:
+        reason = str(exc)
+    saved = list_checkpoints(root)
+    kept = f"'{saved[-1]}' is intact (train.resume=latest)" if saved else "none was saved yet"
+    raise SdtuneError(
+        f"checkpoint of step {step} not saved: {reason}; the last checkpoint {kept}"
+    ) from None
 
 
 def list_checkpoints(root: Path) -> list[Path]:
