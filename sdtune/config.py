@@ -52,6 +52,13 @@ class DataConfig:
     resolution: int = option(512, "training size in pixels (square); a multiple of 8")
     center_crop: bool = option(True, "crop the centre (true) or a random square (false)")
     random_flip: bool = option(False, "flip images left-right at random")
+    bucketing: bool = option(
+        False, "aspect-ratio buckets of about resolution² pixels instead of square crops"
+    )
+    bucket_step: int = option(64, "bucket sides are multiples of this many pixels")
+    max_aspect: float = option(3.0, "most elongated bucket (long side / short side)")
+    upscale: bool = option(False, "blow small images up to their bucket (else smaller bucket)")
+    pad: bool = option(False, "fit whole images into buckets and pad, instead of cropping")
     repeats: int = option(1, "times each image is seen per epoch")
     image_column: str = option("file_name", "metadata.jsonl/csv column naming the image file")
     caption_column: str = option("text", "metadata.jsonl/csv column holding the caption")
@@ -411,6 +418,17 @@ def validate_config(cfg: RunConfig) -> None:
         ),
         (cfg.data.num_class_images >= 0, "data.num_class_images", "must be 0 or more"),
         (cfg.train.prior_loss_weight >= 0, "train.prior_loss_weight", "must be 0 or more"),
+        (
+            cfg.data.bucket_step >= 8 and cfg.data.bucket_step % 8 == 0,
+            "data.bucket_step",
+            "must be a positive multiple of 8",
+        ),
+        (cfg.data.max_aspect >= 1.0, "data.max_aspect", "must be at least 1"),
+        (
+            not (cfg.data.bucketing and cfg.data.class_dir),
+            "data.bucketing",
+            "cannot be combined with data.class_dir (prior preservation) yet; turn one off",
+        ),
         (0.0 <= cfg.data.validation_split < 1.0, "data.validation_split", "must be in [0, 1)"),
         (
             cfg.output.validation_every_n_steps >= 0,
