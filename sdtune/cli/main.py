@@ -17,6 +17,7 @@ from sdtune.errors import SdtuneError
 SUBCOMMANDS = {
     "train": ("train", "train a LoRA from a recipe and key=value overrides"),
     "generate": ("generate", "generate images with a base model and LoRA adapters"),
+    "data": ("data", "dry run of the data: buckets, skipped files, caption statistics"),
     "inspect": ("inspect", "show what an adapter file holds: format, family, ranks, metadata"),
     "convert": ("convert", "rewrite an adapter as kohya/A1111/ComfyUI or diffusers, checked"),
     "merge": ("merge", "fuse adapters into a base model, or merge adapters into one"),

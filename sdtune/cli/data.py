@@ -1,0 +1,29 @@
+"""`sdtune data inspect RECIPE [section.key=value ...]`: a dry run of the data, no model loaded."""
+
+from __future__ import annotations
+
+import argparse
+
+from sdtune.config import load_config, parse_overrides
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["inspect"], help="inspect: report and exit")
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="RECIPE|KEY=VALUE",
+        help="the training recipe and overrides, as for `sdtune train`",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdtune.data.report import describe_data
+
+    items = list(args.items)
+    recipe = items.pop(0) if items and "=" not in items[0] else None
+    overrides = parse_overrides(items)
+    overrides.setdefault("model.path", "(not needed)")  # the data report loads no model
+    cfg = load_config(recipe, overrides)
+    print(describe_data(cfg))
+    return 0

@@ -1,0 +1,65 @@
+"""A dry run of the data: what training would see, without loading a model.
+
+Buckets (or square crops), how many images each gets and how many are cropped or blown up,
+skipped files, and caption statistics (sources, lengths, captions over the 77-token window,
+the most common tags): the things to fix before spending GPU hours.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from sdtune.config import RunConfig
+from sdtune.data.captions import count_long_captions
+from sdtune.data.sources import scan_data_config
+
+
+def describe_data(cfg: RunConfig) -> str:
+    """The dry-run report of `cfg.data` as text."""
+    from sdtune.models.tokenizer import load_tokenizer
+
+    report = scan_data_config(cfg.data)
+    samples, d = report.samples, cfg.data
+    lines = [report.summary(), ""]
+    lines += _size_lines(samples, cfg)
+    captions = [s.caption for s in samples]
+    words = [len(c.split()) for c in captions]
+    long, example, window = count_long_captions(
+        captions, [s.image_path for s in samples], load_tokenizer(1)
+    )
+    lines += [
+        "",
+        f"captions: words per caption min {min(words)}, mean {sum(words) / len(words):.1f}, "
+        f"max {max(words)}; over {window} tokens: {long}" + (f" (e.g. {example})" if long else ""),
+    ]
+    if d.trigger:
+        missing = sum(d.trigger not in c for c in captions)
+        lines.append(f"trigger '{d.trigger}': in {len(captions) - missing} of {len(captions)}")
+    tags = Counter(t.strip() for c in captions for t in c.split(d.tag_separator) if t.strip())
+    top = ", ".join(f"{t} ({n})" for t, n in tags.most_common(10))
+    lines.append(f"most common tags: {top}")
+    epoch = len(samples) * d.repeats
+    lines.append(f"\none epoch: {epoch} items ({len(samples)} images x {d.repeats} repeats)")
+    return "\n".join(lines)
+
+
+def _size_lines(samples, cfg: RunConfig) -> list[str]:
+    from sdtune.train.setup import assign_buckets
+
+    d = cfg.data
+    sizes = [s.size for s in samples if s.size]
+    if not d.bucketing:
+        small = sum(min(w, h) < d.resolution for w, h in sizes)
+        return [
+            f"square crops of {d.resolution} px ({'centre' if d.center_crop else 'random'}); "
+            f"images upscaled to reach it: {small}"
+        ]
+    buckets = assign_buckets(samples, cfg)
+    exact = sum(s.size == b for s, b in zip(samples, buckets, strict=True))
+    lines = [
+        f"buckets ({'padded' if d.pad else 'cropped'} to fit; {exact} images exactly "
+        "their bucket size):"
+    ]
+    for (w, h), n in sorted(Counter(buckets).items()):
+        lines.append(f"  {w:>5} x {h:<5} {n:>5} images")
+    return lines
