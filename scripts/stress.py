@@ -153,6 +153,9 @@ def kill_once(out: Path, base: list[str], rng: random.Random, timing, tally: Tal
         print(f"  run failed with status {rc}: {stderr.strip()[-500:]}", file=sys.stderr)
         tally.files_lost += 1
         return False
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     tally.kill_points += 1
     tally.during_write += tmp_seen or mode == "hook"
     after = checkpoint_state(out)
@@ -160,8 +163,11 @@ def kill_once(out: Path, base: list[str], rng: random.Random, timing, tally: Tal
     lost = sum(not ok for ok in after.values())
     if max((s for s, ok in after.items() if ok), default=0) < newest_before:
         lost += 1  # the newest good checkpoint vanished and nothing newer replaced it
-    if (out / ADAPTER).exists():
-        lost += 1  # a final adapter from a killed run
+    if (out / ADAPTER).exists():  # killed after the final save: that file must be whole
+        try:
+            load_file(str(out / ADAPTER))
+        except (OSError, RuntimeError, SafetensorError):
+            lost += 1
     tally.files_lost += lost
     if lost:
         print(
