@@ -21,6 +21,8 @@ from sdtune.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_image
 from sdtune.data.metadata import MetadataEntry, find_metadata, read_metadata
 from sdtune.errors import SdtuneError
 
+MIN_IMAGE_SIDE = 8  # pixels; smaller images are skipped and reported
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -129,6 +131,11 @@ def scan_image_folder(
             size = load_image(path).size  # decoded now, so a bad file is reported before training
         except ImageDecodeError as exc:
             report.skipped.append((path, str(exc)))
+            continue
+        if min(size) < MIN_IMAGE_SIDE:  # a thumbnail or a tracking pixel teaches nothing
+            report.skipped.append(
+                (path, f"too small: {size[0]}x{size[1]} px (at least {MIN_IMAGE_SIDE} a side)")
+            )
             continue
         if entry is not None:
             raw, source = entry.caption, report.metadata_path.name

@@ -135,15 +135,16 @@ def test_huge_dimensions_bombs_empty_files_and_tiny_images(tmp_path):
         assert name in report.summary()
 
 
-def test_one_by_one_image_becomes_a_full_size_training_item(tmp_path):
-    from sdtune.data.dataset import ImageCaptionDataset
-
+def test_tiny_images_are_skipped_and_reported(tmp_path):
     root = tmp_path / "d"
     root.mkdir()
     (root / "one.png").write_bytes(_encoded("PNG", (1, 1)))
+    (root / "thin.png").write_bytes(_encoded("PNG", (300, 4)))
+    (root / "ok.png").write_bytes(_encoded("PNG", (8, 8)))
     report = scan_image_folder(root)
-    item = ImageCaptionDataset(report.samples, 64, True, False, 1, 0)[0]
-    assert tuple(item["pixel_values"].shape) == (3, 64, 64)
+    assert [s.image_path.name for s in report.samples] == ["ok.png"]
+    reasons = {p.name: r for p, r in report.skipped}
+    assert reasons["one.png"].startswith("too small: 1x1") and "thin.png" in reasons
 
 
 def test_a_folder_of_only_bad_images_is_one_error_naming_it(tmp_path):
