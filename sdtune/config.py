@@ -456,8 +456,12 @@ def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 def save_config(cfg: RunConfig, path: Path) -> None:
     """Write the resolved config as YAML (temporary name, then rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SdtuneError(f"cannot write '{path}': {exc.strerror or exc}") from None
 
 
 def format_options() -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from sdtune.errors import SdtuneError
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -72,6 +74,10 @@ def write_model_card(folder: Path, info: dict, samples: list[Path] | None = None
     """Write `folder/README.md` (temporary name, then rename)."""
     path = folder / "README.md"
     tmp = folder / "README.md.tmp"
-    tmp.write_text(build_model_card(info, samples, title=folder.name), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(build_model_card(info, samples, title=folder.name), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SdtuneError(f"cannot write '{path}': {exc.strerror or exc}") from None
     return path

@@ -109,3 +109,23 @@ def test_adapter_write_failure_keeps_the_earlier_file(tmp_path, monkeypatch):
         write_safetensors(path, {"x": torch.zeros(3)}, {}, overwrite=True)
     assert torch.equal(load_file(str(path))["x"], torch.ones(3))
     assert not (tmp_path / "a.safetensors.tmp").exists()
+
+
+def test_config_and_card_write_failures_are_one_line_errors(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from sdtune.adapters.card import write_model_card
+    from sdtune.config import load_config, save_config
+    from sdtune.errors import SdtuneError
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    cfg = load_config(None, {"model.path": "m", "data.dir": "d"})
+    with pytest.raises(SdtuneError, match="cannot write .*config.yaml.*No space left"):
+        save_config(cfg, tmp_path / "config.yaml")
+    with pytest.raises(SdtuneError, match="cannot write .*README.md.*No space left"):
+        write_model_card(tmp_path, {"family": "sd1"})
+    assert not list(tmp_path.iterdir())
