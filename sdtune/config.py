@@ -316,6 +316,13 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return parsed
 
 
+def split_command_items(items: list[str]) -> tuple[str | None, dict[str, str]]:
+    """`[RECIPE] key=value ...` from the command line: the recipe path (if any) and overrides."""
+    items = list(items)
+    recipe = items.pop(0) if items and "=" not in items[0] else None
+    return recipe, parse_overrides(items)
+
+
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> RunConfig:

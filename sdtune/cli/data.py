@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sdtune.config import load_config, parse_overrides
+from sdtune.config import load_config, split_command_items
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sdtune.data.report import describe_data
 
-    items = list(args.items)
-    recipe = items.pop(0) if items and "=" not in items[0] else None
-    overrides = parse_overrides(items)
+    recipe, overrides = split_command_items(args.items)
     overrides.setdefault("model.path", "(not needed)")  # the data report loads no model
     cfg = load_config(recipe, overrides)
     print(describe_data(cfg))

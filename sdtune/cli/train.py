@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from sdtune.config import format_options, load_config, parse_overrides
+from sdtune.config import format_options, load_config, split_command_items
 
 PARSER_KWARGS = {
     "formatter_class": argparse.RawDescriptionHelpFormatter,
@@ -24,11 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = None
-    items = list(args.items)
-    if items and "=" not in items[0]:
-        recipe = items.pop(0)
-    cfg = load_config(recipe, parse_overrides(items))
+    cfg = load_config(*split_command_items(args.items))
 
     from sdtune.cli.main import quiet_progress_bars
     from sdtune.train.loop import train
