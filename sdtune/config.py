@@ -76,6 +76,10 @@ class DataConfig:
     caption_dropout: float = option(
         0.0, "chance of an empty caption per item and epoch (trains the unconditional case)"
     )
+    cache_latents: bool = option(
+        False, "encode each image once and keep its VAE encoding on disk (keyed on its pixels)"
+    )
+    cache_dir: str = option("", "folder of the latent cache; default ~/.cache/sdtune/latents")
     validation_split: float = option(
         0.0, "share of the images held out for a validation loss (seeded); 0 uses them all"
     )

@@ -23,6 +23,7 @@ from sdtune.adapters.card import write_model_card
 from sdtune.adapters.io import save_adapter
 from sdtune.adapters.lora import resolve_unet_targets
 from sdtune.config import RunConfig, config_to_dict, save_config
+from sdtune.data.cache import LatentCache, default_cache_dir
 from sdtune.errors import SdtuneError
 from sdtune.train import checkpoint as ckpt
 from sdtune.train.ema import AdapterEMA
@@ -96,6 +97,7 @@ class Run:
     dtype: torch.dtype
     ema: AdapterEMA | None = None
     validation: object = None  # loader of held-out images, when data.validation_split is set
+    latent_cache: LatentCache | None = None  # VAE encodings on disk, when data.cache_latents
     progress: Progress = field(default_factory=Progress)
 
 
@@ -123,9 +125,13 @@ def training_step(batch, run: Run, timestep: int | None = None) -> torch.Tensor:
     obj, vae = run.objective, run.pipe.vae
     pixels = batch["pixel_values"].to(vae.device, dtype=run.dtype)
     gens = item_generators(run.cfg.train.seed, batch["draws"], pixels.device)
-    with torch.no_grad():
-        posterior = vae.encode(pixels).latent_dist
-        latents = posterior.sample(generator=gens) * vae.config.scaling_factor
+    if run.latent_cache is not None:
+        mean, std = run.latent_cache.encode(pixels)
+    else:
+        with torch.no_grad():
+            posterior = vae.encode(pixels).latent_dist
+        mean, std = posterior.mean, posterior.std
+    latents = (mean + std * _randn(mean, gens)) * vae.config.scaling_factor  # a posterior sample
     noise = _randn(latents, gens)
     if obj.noise_offset:
         noise = compute_offset_noise(noise, obj.noise_offset, _randn(latents[:, :, :1, :1], gens))
@@ -249,6 +255,8 @@ def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) ->
         dtype,
         ema,
     )
+    if cfg.data.cache_latents:
+        run.latent_cache = LatentCache(cfg.data.cache_dir or default_cache_dir(), pipe.vae, dtype)
     if held_out:
         run.validation = build_validation_loader(held_out, cfg, pipe.tokenizer)
         logger.info("validation: %d held-out images", len(held_out))
@@ -477,6 +485,9 @@ def save_final(run: Run) -> Path:
     """The adapter (and its EMA), a sample image and the model card."""
     if run.validation is not None:
         validate(run)
+    if run.latent_cache is not None:
+        cache = run.latent_cache
+        logger.info("latent cache %s: %d read, %d encoded", cache.folder, cache.hits, cache.misses)
     path = _save_adapter_files(run, run.out)
     pipe = run.pipe
     pipe.unet = run.accelerator.unwrap_model(run.unet).eval()
