@@ -13,12 +13,21 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sdtune.errors import SdtuneError
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # passes over the data started
+    batch_in_epoch: int = 0  # micro-batches of the current pass already trained on
+
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "training_state.pt"

@@ -8,7 +8,8 @@ import sdtune.train.loop as loop
 from sdtune.config import load_config
 from sdtune.errors import SdtuneError
 from sdtune.train.checkpoint import list_checkpoints, resolve_resume
-from sdtune.train.loop import EMA_FILE_NAME, train
+from sdtune.train.loop import train
+from sdtune.train.saving import EMA_FILE_NAME
 
 
 def _config(tiny_sd1_dir, star_images, out, **overrides):
