@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from sdtune.adapters.io import METADATA_PREFIX, read_diffusers_metadata, resolve_adapter_path
+from sdtune.adapters.load import FAMILY_OF_TEXT_WIDTH
 from sdtune.errors import SdtuneError
 
 # The down-projection (rank x in) of each LoRA pair, in every naming people use.
@@ -160,5 +161,5 @@ def _guess_family(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> str:
     for key in keys:
         if _DOWN.search(key) and re.search(r"attn2[._]to_k", key):
             width = shapes[key][1]
-            return {768: "sd1", 1024: "sd2"}.get(width, f"unknown (cross-attention width {width})")
+            return FAMILY_OF_TEXT_WIDTH.get(width, f"unknown (cross-attention width {width})")
     return "unknown"

@@ -19,6 +19,7 @@ from sdtune import __version__
 from sdtune.errors import SdtuneError
 
 ADAPTER_FILE_NAME = "pytorch_lora_weights.safetensors"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # what peft's save_pretrained writes
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 METADATA_PREFIX = "sdtune."
 
@@ -97,10 +98,13 @@ def read_adapter_metadata(path: str | Path) -> dict[str, str]:
 
 
 def resolve_adapter_path(path: str | Path) -> Path:
-    """An adapter file, or the adapter file inside a run folder."""
+    """An adapter file, or the adapter file inside a run folder or a PEFT folder."""
     path = Path(path)
     if path.is_dir():
-        path = path / ADAPTER_FILE_NAME
+        found = [path / n for n in (ADAPTER_FILE_NAME, PEFT_WEIGHTS_NAME) if (path / n).is_file()]
+        if not found:
+            raise SdtuneError(f"folder '{path}' has no {ADAPTER_FILE_NAME} or {PEFT_WEIGHTS_NAME}")
+        path = found[0]
     if not path.is_file():
         raise SdtuneError(f"adapter '{path}' does not exist")
     return path

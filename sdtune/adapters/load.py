@@ -21,18 +21,17 @@ from safetensors import safe_open
 from sdtune.adapters import formats
 from sdtune.adapters.formats import Layer
 from sdtune.adapters.io import (
-    ADAPTER_FILE_NAME,
     DIFFUSERS_METADATA_KEY,
     METADATA_PREFIX,
     read_diffusers_metadata,
+    resolve_adapter_path,
 )
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 
-PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding")
 # Cross-attention reads text of this width: it tells SD 1 from SD 2 adapters.
-_CONTEXT_FAMILY = {768: "sd1", 1024: "sd2"}
+FAMILY_OF_TEXT_WIDTH = {768: "sd1", 1024: "sd2"}
 
 
 @dataclass
@@ -53,7 +52,7 @@ class Adapter:
             return named
         for module, layer in self.layers.items():
             if layer.kind == "lora" and module.endswith(("attn2.to_k", "attn2.to_v")):
-                return _CONTEXT_FAMILY.get(int(layer.down.flatten(1).shape[1]))
+                return FAMILY_OF_TEXT_WIDTH.get(int(layer.down.flatten(1).shape[1]))
         return None
 
 
@@ -87,17 +86,6 @@ def family_modules(family: str) -> dict[str, torch.Size]:
     from sdtune.models.families import build_pipeline_from_config
 
     return model_modules(build_pipeline_from_config(family, empty=True))
-
-
-def _adapter_file(path: Path) -> Path:
-    if path.is_dir():
-        for name in (ADAPTER_FILE_NAME, PEFT_WEIGHTS):
-            if (path / name).is_file():
-                return path / name
-        raise SdtuneError(f"folder '{path}' has no {ADAPTER_FILE_NAME} or {PEFT_WEIGHTS}")
-    if not path.is_file():
-        raise SdtuneError(f"adapter '{path}' does not exist")
-    return path
 
 
 def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -146,7 +134,7 @@ def _peft_layers(state: dict[str, torch.Tensor], config_path: Path) -> dict[str,
 
 def read_adapter(path: str | Path, modules: dict[str, torch.Size]) -> Adapter:
     """The adapter at `path` (file, run folder or PEFT folder), named against `modules`."""
-    file = _adapter_file(Path(path))
+    file = resolve_adapter_path(path)
     state, header = read_state(file)
     layout = formats.detect_layout(state)
     if layout == "kohya":
@@ -262,8 +250,7 @@ def attach_adapter(pipe, path: str | Path, adapter_name: str) -> Adapter:
         KeyError,
         TypeError,
     ) as exc:  # TypeError: unknown header field
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SdtuneError(
-            f"adapter '{adapter.path}' does not fit the base model: {first}"
+            f"adapter '{adapter.path}' does not fit the base model: {first_line(exc)}"
         ) from None
     return adapter

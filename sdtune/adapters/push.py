@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from sdtune.adapters.io import ADAPTER_FILE_NAME
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 
 
 def push_folder(
@@ -39,6 +39,7 @@ def push_folder(
             ignore_patterns=["*.tmp", "checkpoints/*"],
         )
     except Exception as exc:  # network, auth and HTTP errors of every kind
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SdtuneError(f"upload of '{folder}' to '{repo_id}' failed: {first[:200]}") from None
+        raise SdtuneError(
+            f"upload of '{folder}' to '{repo_id}' failed: {first_line(exc)}"
+        ) from None
     return f"https://huggingface.co/{repo_id}"

@@ -23,7 +23,7 @@ from typing import Any
 from sdtune.data.captions import clean_caption, decode_text
 from sdtune.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_image
 from sdtune.data.metadata import find_metadata
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 
 logger = logging.getLogger("sdtune.data")
 
@@ -175,7 +175,7 @@ def load_captioner(
     except (OSError, ValueError, KeyError) as exc:  # missing files, or not this kind of model
         raise SdtuneError(
             f"{folder}: cannot load as an image-to-text model with its processor "
-            f"({_first_line(exc)})"
+            f"({first_line(exc)})"
         ) from None
     return Captioner(net.to(device).eval(), processor, device, max_new_tokens)
 
@@ -231,7 +231,7 @@ def _download(repo_id: str) -> Path:
             f"cannot fetch captioning model '{repo_id}': it is not a local folder, not in the "
             f"Hugging Face cache, and the Hub cannot be reached; download it with "
             f"`hf download {repo_id}` on a machine with network, or pass a local folder with "
-            f"--model [hub: {_first_line(exc)}]"
+            f"--model [hub: {first_line(exc)}]"
         ) from None
 
 
@@ -285,8 +285,3 @@ def _progress(batches: Iterator[list[Path]], total: int, enabled: bool) -> Itera
         yield batch
         done += len(batch)
         logger.info("captioned %d/%d images", done, total)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

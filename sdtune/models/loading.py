@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 from sdtune.models.families import (
     Family,
     detect_family_from_folder,
@@ -73,12 +73,6 @@ def load_pipeline(
     if device is not None:
         pipe.to(device)
     return pipe
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's message cut to one short line, for a one-line SdtuneError."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _pipeline_class(family: Family) -> Any:
@@ -180,7 +174,7 @@ def _load_folder(
     try:
         return cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:  # missing or mismatched weight files
-        raise SdtuneError(f"{folder}: cannot load as '{family.name}' ({_first_line(exc)})") from exc
+        raise SdtuneError(f"{folder}: cannot load as '{family.name}' ({first_line(exc)})") from exc
 
 
 def _download(repo_id: str) -> Path:
@@ -191,7 +185,7 @@ def _download(repo_id: str) -> Path:
         # safety_checker=None: sdtune never runs it, so its 1.2 GB are not downloaded.
         return Path(DiffusionPipeline.download(repo_id, safety_checker=None))
     except (OSError, ValueError) as exc:  # huggingface_hub's errors derive from these
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise SdtuneError(
             f"cannot fetch '{repo_id}': it is not a local path, not in the Hugging Face cache, "
             f"and the Hub cannot be reached; download it with `hf download {repo_id}` "
@@ -243,7 +237,7 @@ def _load_single_file(
                 )
         except (ValueError, RuntimeError, KeyError) as exc:
             raise SdtuneError(
-                f"{path}: cannot load as '{family.name}' ({_first_line(exc)}); "
+                f"{path}: cannot load as '{family.name}' ({first_line(exc)}); "
                 "if the family is wrong, pass family=..., or config_dir=<diffusers folder> "
                 "for a non-standard architecture"
             ) from exc
