@@ -162,6 +162,11 @@ class TrainConfig:
     mixed_precision: str = option("no", "autocast precision", ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = option(False, "recompute activations: less memory, ~30% slower")
     tf32: bool = option(False, "allow TF32 matmuls on Ampere+ GPUs")
+    attention: str = option(
+        "sdpa",
+        "attention kernels: PyTorch's fused SDPA, or xformers (CUDA, must be installed)",
+        ("sdpa", "xformers"),
+    )
     prior_loss_weight: float = option(1.0, "weight of the class-image (prior) loss")
     ema_decay: float = option(0.0, "EMA of the adapter weights with this decay; 0 turns it off")
     on_nonfinite: str = option(

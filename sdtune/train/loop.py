@@ -52,6 +52,7 @@ from sdtune.train.setup import (
     check_inputs,
     enable_gradient_checkpointing,
     load_base,
+    set_attention,
     trackers,
 )
 from sdtune.train.validation import (
@@ -63,6 +64,7 @@ from sdtune.train.validation import (
 logger = logging.getLogger("sdtune.train")
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+ETA_AFTER_STEPS = 3  # the start summary's time estimate comes from this many measured steps
 
 
 @dataclass
@@ -215,6 +217,7 @@ def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) ->
         accelerator.wait_for_everyone()  # the other processes read what the main one drew
         class_samples = scan_class_images(cfg)
         logger.info("prior preservation: %d class images (%d drawn now)", len(class_samples), made)
+    set_attention(pipe, cfg.train.attention)
     param_groups = add_lora_adapters(pipe, cfg)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(pipe, cfg.lora.train_text_encoder)
@@ -307,6 +310,7 @@ def run_steps(run: Run) -> float:
     """Train until max_steps; returns the last logged loss."""
     cfg, acc, progress = run.cfg, run.accelerator, run.progress
     last_loss, started, images = float("nan"), time.perf_counter(), 0
+    first_step = progress.step
     run.unet.train()
     run.text_encoder.train(cfg.lora.train_text_encoder)
     run.sampler.set_epoch(progress.epoch)
@@ -326,13 +330,21 @@ def run_steps(run: Run) -> float:
             bar.update(1)
             if run.ema is not None:
                 run.ema.update()
+            elapsed = time.perf_counter() - started
+            left_s = (cfg.train.max_steps - progress.step) * elapsed / (progress.step - first_step)
+            if progress.step - first_step == ETA_AFTER_STEPS and acc.is_main_process:
+                logger.info(
+                    "time: %.2f s/step over the first %d steps, about %s for the %d left",
+                    elapsed / ETA_AFTER_STEPS,
+                    ETA_AFTER_STEPS,
+                    format_duration(left_s),
+                    cfg.train.max_steps - progress.step,
+                )
             if (
                 progress.step % cfg.train.log_every_n_steps == 0
                 or progress.step == cfg.train.max_steps
             ):
-                last_loss = _log_step(
-                    run, loss, grad_norm, images / (time.perf_counter() - started)
-                )
+                last_loss = _log_step(run, loss, grad_norm, images / elapsed, left_s)
                 bar.set_postfix(loss=f"{last_loss:.4f}")
             _maybe_checkpoint_and_sample(run)
             if progress.step >= cfg.train.max_steps:
@@ -396,7 +408,17 @@ class _SkipStep(Exception):
     pass
 
 
-def _log_step(run: Run, loss, grad_norm, images_per_s: float) -> float:
+def format_duration(seconds: float) -> str:
+    """12s, 3m05s, 1h02m: short enough for a log line."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _log_step(run: Run, loss, grad_norm, images_per_s: float, left_s: float) -> float:
     acc, step = run.accelerator, run.progress.step
     value = acc.gather(loss.detach()).mean().item()
     logs = {"loss": value, "lr": run.lr_scheduler.get_last_lr()[0], "images_per_s": images_per_s}
@@ -406,12 +428,13 @@ def _log_step(run: Run, loss, grad_norm, images_per_s: float) -> float:
         logs["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     acc.log(logs, step=step)
     logger.info(
-        "step %d/%d  loss %.4f  lr %.2e  %.1f img/s",
+        "step %d/%d  loss %.4f  lr %.2e  %.1f img/s  %s left",
         step,
         run.cfg.train.max_steps,
         value,
         logs["lr"],
         images_per_s,
+        format_duration(left_s),
     )
     return value
 

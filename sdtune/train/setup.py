@@ -22,6 +22,7 @@ from sdtune.data.buckets import BucketBatchSampler, assign_bucket, build_buckets
 from sdtune.data.captions import CaptionAugment, warn_long_captions
 from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset
 from sdtune.data.dreambooth import PriorPreservationDataset, collate_pairs
+from sdtune.data.multi import augments_per_sample, items_per_epoch, repeats_per_sample
 from sdtune.data.sources import ScanReport, scan_data_config
 from sdtune.errors import SdtuneError
 from sdtune.train.checkpoint import CHECKPOINTS_DIR
@@ -57,13 +58,38 @@ def check_inputs(cfg: RunConfig) -> ScanReport:
             f"train.resume=latest but output folder '{cfg.output.dir}' has no checkpoints; "
             "point output.dir at the run to resume, or drop train.resume"
         )
-    images = len(report.samples) * cfg.data.repeats
+    check_attention(cfg.train.attention)
+    images = items_per_epoch(report.samples, cfg.data)
     if images < cfg.train.batch_size:
         raise SdtuneError(
             f"train.batch_size is {cfg.train.batch_size} but the dataset has only {images} "
             "images (with repeats); lower train.batch_size or raise data.repeats"
         )
     return report
+
+
+def check_attention(attention: str) -> None:
+    """xformers needs the package and a CUDA device; say so before the model loads."""
+    import importlib.util
+
+    if attention != "xformers":
+        return
+    if importlib.util.find_spec("xformers") is None:
+        raise SdtuneError(
+            "train.attention=xformers but xformers is not installed; `pip install xformers` "
+            "(the build matching your torch), or use train.attention=sdpa (as fast on torch 2)"
+        )
+    if not torch.cuda.is_available():
+        raise SdtuneError(
+            "train.attention=xformers needs a CUDA GPU and none was found; "
+            "use train.attention=sdpa (the default)"
+        )
+
+
+def set_attention(pipe, attention: str) -> None:
+    """Route the U-Net's attention through xformers when asked; SDPA is diffusers' default."""
+    if attention == "xformers":
+        pipe.unet.enable_xformers_memory_efficient_attention()
 
 
 def trackers(log_with: str) -> list[str]:
@@ -154,28 +180,36 @@ def build_dataloader(
     """
     d = cfg.data
 
-    def dataset_of(items, augment):
+    def dataset_of(items, repeats, augment):
         return ImageCaptionDataset(
             items,
             d.resolution,
             d.center_crop,
             d.random_flip,
-            d.repeats,
+            repeats,
             cfg.train.seed,
             augment=augment,
         )
 
-    dataset = dataset_of(samples, CaptionAugment.from_config(d))
+    if d.sources:  # each sample weighted and captioned by its own source
+        instances = dataset_of(
+            samples, repeats_per_sample(samples, d), augments_per_sample(samples, d)
+        )
+    else:
+        instances = dataset_of(samples, d.repeats, CaptionAugment.from_config(d))
     if d.bucketing:
-        dataset.buckets = assign_buckets(samples, cfg)
-        dataset.crop = "pad" if d.pad else ("center" if d.center_crop else "random")
-    if class_samples:
-        dataset = PriorPreservationDataset(dataset, dataset_of(class_samples, CaptionAugment()))
+        instances.buckets = assign_buckets(samples, cfg)
+        instances.crop = "pad" if d.pad else ("center" if d.center_crop else "random")
+    dataset = instances
+    if class_samples:  # class images are fitted to their instance's bucket, the same way
+        classes = dataset_of(class_samples, d.repeats, CaptionAugment())
+        classes.crop = instances.crop
+        dataset = PriorPreservationDataset(instances, classes)
     warn_long_captions([s.caption for s in samples], [s.image_path for s in samples], tokenizer)
 
     collate = make_collate(tokenizer, paired=bool(class_samples))
     if d.bucketing:
-        per_index = [dataset.buckets[i % len(samples)] for i in range(len(dataset))]
+        per_index = [instances.size_of(i) for i in range(len(instances))]
         sampler = BucketBatchSampler(
             per_index,
             cfg.train.batch_size,
