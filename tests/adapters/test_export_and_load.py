@@ -223,3 +223,30 @@ def test_kohya_names_decode_unambiguously_for_every_sd_family():
         assert table["lora_te_text_model_encoder_layers_0_self_attn_q_proj"] == (
             "text_encoder.encoder.layers.0.self_attn.q_proj"
         )
+
+
+def test_a_folder_saved_by_peft_itself_loads_with_its_alpha(tmp_path):
+    """PEFT's own `save_pretrained` folder (adapter_model.safetensors + adapter_config.json)."""
+    from peft import LoraConfig, get_peft_model
+
+    pipe = build_tiny_pipeline("sd1")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    peft_model = get_peft_model(pipe.unet, config)  # injects into pipe.unet in place
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert {p.name for p in (tmp_path / "peft").iterdir()} >= {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+    }
+    expected = _images(pipe)
+
+    fresh = build_tiny_pipeline("sd1")
+    base = _images(fresh)
+    load_adapters(fresh, [(str(tmp_path / "peft"), 1.0)])
+    np.testing.assert_allclose(_images(fresh), expected, atol=LIVE_ATOL)
+    assert np.abs(base - expected).max() > 1e-2
+    assert read_adapter(tmp_path / "peft", model_modules(fresh)).layout == "peft"
