@@ -59,6 +59,7 @@ def check_inputs(cfg: RunConfig) -> ScanReport:
             "point output.dir at the run to resume, or drop train.resume"
         )
     check_attention(cfg.train.attention)
+    check_distributed_type()
     images = items_per_epoch(report.samples, cfg.data)
     if images < cfg.train.batch_size:
         raise SdtuneError(
@@ -84,6 +85,28 @@ def check_attention(attention: str) -> None:
             "train.attention=xformers needs a CUDA GPU and none was found; "
             "use train.attention=sdpa (the default)"
         )
+
+
+def check_distributed_type() -> None:
+    """Refuse sharded launches (FSDP, DeepSpeed) before anything loads or is written.
+
+    The loop shards the data, not the model: every process holds the frozen base and the
+    whole adapter, which is what lets it save and resume the adapter exactly. Sharding the
+    weights would need gathers the loop does not do, so such a launch fails here, not at save.
+    """
+    import os
+
+    for variable, name in (
+        ("ACCELERATE_USE_FSDP", "FSDP"),
+        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+    ):
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes"):
+            raise SdtuneError(
+                f"accelerate is set up for {name} ({variable}={os.environ[variable]}), which "
+                "sdtune does not support: it trains data-parallel, each GPU holding the frozen "
+                "base (SD 1.5 LoRA needs ~4 GB at 512 px, batch 1, gradient checkpointing); "
+                "launch with recipes/accelerate/multi-gpu.yaml instead"
+            )
 
 
 def set_attention(pipe, attention: str) -> None:

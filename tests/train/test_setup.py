@@ -83,3 +83,23 @@ def test_the_run_estimates_its_time_after_the_first_steps(
         r.getMessage().startswith("step 5/5") and "0s left" in r.getMessage()
         for r in caplog.records
     )
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_launches_are_refused_before_anything_is_written(
+    variable, star_images, tmp_path, monkeypatch
+):
+    cfg = load_config(
+        None,
+        {
+            "model.path": "not-loaded",
+            "data.dir": str(star_images),
+            "output.dir": str(tmp_path / "r"),
+        },
+    )
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(SdtuneError, match=f"{variable}=true.*recipes/accelerate/multi-gpu.yaml"):
+        check_inputs(cfg)
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setenv(variable, "false")
+    check_inputs(cfg)
