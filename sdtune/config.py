@@ -41,6 +41,32 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One entry of `data.sources`: where the images are and how they are captioned and weighted.
+
+    Every key but `dir`/`dataset` falls back to the `data.*` option of the same name when unset
+    (None), so a source only states what makes it different.
+    """
+
+    dir: str | None = option(None, "folder of images (or set dataset)")
+    dataset: str | None = option(None, "a Hugging Face dataset (or set dir)")
+    dataset_split: str | None = option(None, "split of the dataset")
+    image_column: str | None = option(None, "column naming or holding the image")
+    caption_column: str | None = option(None, "column holding the caption")
+    caption_ext: str | None = option(None, "extension of caption sidecar files")
+    recursive: bool | None = option(None, "also read images in sub-folders")
+    allow_outside_paths: bool | None = option(None, "let metadata name images outside dir")
+    repeats: int | None = option(None, "times each image of this source is seen per epoch")
+    trigger: str | None = option(None, "trigger word of this source's captions")
+    caption_template: str | None = option(None, "caption of images without one")
+    shuffle_tags: bool | None = option(None, "shuffle tags each epoch")
+    keep_tags: int | None = option(None, "leading tags never shuffled or dropped")
+    tag_separator: str | None = option(None, "what separates tags")
+    tag_dropout: float | None = option(None, "chance of dropping each tag per epoch")
+    caption_dropout: float | None = option(None, "chance of an empty caption per item and epoch")
+
+
+@dataclass
 class DataConfig:
     dir: str = option("", "folder of images, with a caption file beside each image")
     caption_ext: str = option(".txt", "extension of caption sidecar files")
@@ -79,7 +105,15 @@ class DataConfig:
     cache_latents: bool = option(
         False, "encode each image once and keep its VAE encoding on disk (keyed on its pixels)"
     )
-    cache_dir: str = option("", "folder of the latent cache; default ~/.cache/sdtune/latents")
+    cache_dir: str = option(
+        "", "latent cache folder, text embeddings in its text/ (default ~/.cache/sdtune/latents)"
+    )
+    cache_text_embeddings: bool = option(
+        False, "keep each caption's text-encoder output on disk (off while the encoder trains)"
+    )
+    max_token_length: int = option(
+        75, "caption tokens the text encoder sees: 75 (longer ones cut), or 150/225 in windows"
+    )
     validation_split: float = option(
         0.0, "share of the images held out for a validation loss (seeded); 0 uses them all"
     )
@@ -88,6 +122,11 @@ class DataConfig:
     )
     class_prompt: str = option("", "caption of every class image, e.g. 'a photo of a dog'")
     num_class_images: int = option(100, "class images wanted; the base model draws the missing")
+    sources: list[SourceConfig] = option(
+        [],
+        "several sources in one run: a list of tables, each with dir or dataset and its own "
+        "repeats, trigger, caption and column keys (unset keys fall back to data.*)",
+    )
 
 
 @dataclass
@@ -249,6 +288,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if optional:
             return None
         raise SdtuneError(f"{key} cannot be empty; expected {_type_name(tp)}")
+    if typing.get_origin(base) is list and dataclasses.is_dataclass(typing.get_args(base)[0]):
+        return _coerce_tables(key, value, typing.get_args(base)[0])
     if typing.get_origin(base) is list:
         # A YAML list, or on the command line one string with items separated by "|".
         items = value.split("|") if isinstance(value, str) else value
@@ -280,6 +321,30 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     except (TypeError, ValueError):
         raise SdtuneError(f"{key} must be {_type_name(tp)}, got {value!r}") from None
     raise SdtuneError(f"{key}: unsupported option type {tp}")
+
+
+def _coerce_tables(key: str, value: Any, cls: type) -> list:
+    """A list of tables (data.sources): a YAML list, or on the command line one YAML string
+    such as `[{dir: a, repeats: 2}, {dir: b}]`. Each table is as strict as a section."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise SdtuneError(f"{key} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(value, list):
+        raise SdtuneError(f"{key} must be a list of tables like [{{dir: a}}], got {value!r}")
+    hints, tables = typing.get_type_hints(cls), []
+    for i, table in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(table, dict):
+            raise SdtuneError(f"{where} must be a table (key: value, ...), got {table!r}")
+        for name in table:
+            if name not in hints:
+                raise SdtuneError(
+                    f"unknown key {name!r} in {where}{_closest(str(name), list(hints))}"
+                )
+        tables.append(cls(**{n: _coerce(f"{where}.{n}", v, hints[n]) for n, v in table.items()}))
+    return tables
 
 
 def _set_option(cfg: RunConfig, key: str, value: Any) -> None:
@@ -362,9 +427,14 @@ def validate_config(cfg: RunConfig) -> None:
     checks = [
         (cfg.model.path != "", "model.path", "is required (a diffusers folder, hub id or file)"),
         (
-            cfg.data.dir != "" or cfg.data.dataset != "",
+            cfg.data.dir != "" or cfg.data.dataset != "" or bool(cfg.data.sources),
             "data.dir",
-            "is required (a folder of images), or set data.dataset",
+            "is required (a folder of images), or set data.dataset or data.sources",
+        ),
+        (
+            not (cfg.data.sources and (cfg.data.dir or cfg.data.dataset)),
+            "data.sources",
+            "replaces data.dir and data.dataset; put each folder or dataset in the list",
         ),
         (
             cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0,
@@ -378,6 +448,11 @@ def validate_config(cfg: RunConfig) -> None:
         (cfg.data.tag_separator != "", "data.tag_separator", "must not be empty"),
         (0.0 <= cfg.data.tag_dropout <= 1.0, "data.tag_dropout", "must be in [0, 1]"),
         (0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]"),
+        (
+            cfg.data.max_token_length in (75, 150, 225),
+            "data.max_token_length",
+            "must be 75, 150 or 225 (1, 2 or 3 windows of 75 tokens)",
+        ),
         (cfg.lora.rank >= 1, "lora.rank", "must be at least 1"),
         (cfg.lora.alpha > 0, "lora.alpha", "must be positive"),
         (
@@ -440,11 +515,6 @@ def validate_config(cfg: RunConfig) -> None:
             "must be a positive multiple of 8",
         ),
         (cfg.data.max_aspect >= 1.0, "data.max_aspect", "must be at least 1"),
-        (
-            not (cfg.data.bucketing and cfg.data.class_dir),
-            "data.bucketing",
-            "cannot be combined with data.class_dir (prior preservation) yet; turn one off",
-        ),
         (0.0 <= cfg.data.validation_split < 1.0, "data.validation_split", "must be in [0, 1)"),
         (
             cfg.output.validation_every_n_steps >= 0,
@@ -458,6 +528,30 @@ def validate_config(cfg: RunConfig) -> None:
     for ok, key, rule in checks:
         if not ok:
             raise SdtuneError(f"{key} {rule}; got {_current(cfg, key)!r}")
+    for i, source in enumerate(cfg.data.sources):
+        _validate_source(source, f"data.sources[{i}]")
+
+
+def _validate_source(source: SourceConfig, where: str) -> None:
+    """The data.* range rules, for the keys a source sets itself (the rest were checked above)."""
+    if bool(source.dir) == bool(source.dataset):
+        raise SdtuneError(
+            f"{where} needs exactly one of dir or dataset; "
+            f"got dir={source.dir!r}, dataset={source.dataset!r}"
+        )
+    checks = [
+        ("repeats", lambda v: v >= 1, "must be at least 1"),
+        ("keep_tags", lambda v: v >= 0, "must be 0 or more"),
+        ("tag_separator", lambda v: v != "", "must not be empty"),
+        ("image_column", lambda v: v != "", "must name a column"),
+        ("caption_column", lambda v: v != "", "must name a column"),
+        ("tag_dropout", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+        ("caption_dropout", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    ]
+    for name, ok, rule in checks:
+        value = getattr(source, name)
+        if value is not None and not ok(value):
+            raise SdtuneError(f"{where}.{name} {rule}; got {value!r}")
 
 
 def _current(cfg: RunConfig, key: str) -> Any:

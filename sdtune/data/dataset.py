@@ -5,13 +5,17 @@ permutation of `i`, and the Dataset splits that back into (epoch, i). So the cap
 in epoch `e` depends only on (seed, e, i), in the main process or in any worker, and the loop
 needs no epoch bookkeeping: each pass over the data loader is the next epoch. `i` counts repeats
 (`len(dataset) = images * repeats`), so two repeats of one image get different captions.
+
+With per-sample repeats (several sources) items are laid out in rounds: round r holds, in
+sample order, every sample with more than r repeats. With equal repeats that is `i % images`,
+the plain layout, so one source with repeats behaves exactly as before.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -41,9 +45,9 @@ class ImageCaptionDataset(Dataset):
         resolution: int,
         center_crop: bool = True,
         random_flip: bool = False,
-        repeats: int = 1,
+        repeats: int | Sequence[int] = 1,
         seed: int = 0,
-        augment: CaptionAugment | None = None,
+        augment: CaptionAugment | Sequence[CaptionAugment] | None = None,
         buckets: list[tuple[int, int]] | None = None,
         crop: str | None = None,
     ) -> None:
@@ -51,38 +55,62 @@ class ImageCaptionDataset(Dataset):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
-        self.repeats = repeats
+        self.repeats = repeats  # one count for all samples, or one per sample
         self.seed = seed
-        self.augment = augment or CaptionAugment()
+        augment = augment or CaptionAugment()
+        self.augments = [augment] * len(samples) if isinstance(augment, CaptionAugment) else augment
+        self._items = _round_layout(repeats) if not isinstance(repeats, int) else None
         self.failed: dict[Path, str] = {}  # per process: workers keep their own copy
         self.buckets = buckets  # (width, height) per sample; None: square `resolution` crops
         self.crop = crop or ("center" if center_crop else "random")
 
     def __len__(self) -> int:
+        if self._items is not None:
+            return len(self._items)
         return len(self.samples) * self.repeats
 
+    def sample_index(self, item: int) -> int:
+        """Which sample item `item` of an epoch shows (see the module docstring)."""
+        if self._items is not None:
+            return int(self._items[item])
+        return item % len(self.samples)
+
+    def size_of(self, item: int) -> tuple[int, int]:
+        """(width, height) of item `item` once fitted: its bucket, or the training square."""
+        if self.buckets is None:
+            return self.resolution, self.resolution
+        return self.buckets[self.sample_index(item)]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str | int]:
+        return self.get(index)
+
+    def get(self, index: int, size: tuple[int, int] | None = None) -> dict:
+        """Item `index` (epoch * len + item); `size` fits it to another item's bucket instead of
+        its own (a class image paired with an instance batch)."""
         draw = index  # (epoch, item): the training step seeds this item's noise from it
         epoch, index = divmod(index, len(self))
-        sample, image = self._load_with_fallback(index)
+        position = self.sample_index(index)
+        sample, image = self._load_with_fallback(position)
         rng = random.Random(self.seed * 1_000_003 + index)
-        if self.buckets is None:
+        if size is None and self.buckets is not None:
+            size = self.buckets[position]
+        if size is None:
             img = resize_and_crop(image, self.resolution, self.center_crop, rng)
         else:
-            img = fit_to_bucket(image, self.buckets[index % len(self.samples)], self.crop, rng)
+            img = fit_to_bucket(image, size, self.crop, rng)
         pixels = to_tensor(img)
         if self.random_flip and rng.random() < 0.5:
             pixels = pixels.flip(-1)
-        caption = sample.caption
-        if self.augment.active:
-            caption = self.augment.apply(caption, caption_rng(self.seed, epoch, index))
+        caption, augment = sample.caption, self.augments[position]
+        if augment.active:
+            caption = augment.apply(caption, caption_rng(self.seed, epoch, index))
         return {"pixel_values": pixels, "caption": caption, "draw": draw}
 
-    def _load_with_fallback(self, index: int):
-        """The item's image, or the next sample (in index order) that still decodes."""
+    def _load_with_fallback(self, position: int):
+        """Sample `position`'s image, or the next sample (in order) that still decodes."""
         n = len(self.samples)
         for step in range(n):
-            sample = self.samples[(index + step) % n]
+            sample = self.samples[(position + step) % n]
             if sample.image_path in self.failed:
                 continue
             try:
@@ -98,6 +126,17 @@ class ImageCaptionDataset(Dataset):
         raise SdtuneError(
             f"none of the {n} dataset images decodes any more (first: {self.samples[0].image_path})"
         )
+
+
+def _round_layout(repeats: Sequence[int]) -> torch.Tensor:
+    """Item -> sample for per-sample repeats: round r lists the samples with more than r."""
+    counts = torch.as_tensor(list(repeats), dtype=torch.long)
+    if len(counts) == 0:
+        return counts
+    rounds, n = int(counts.max()), len(counts)
+    sample = torch.arange(n).repeat(rounds)
+    round_of = torch.arange(rounds).repeat_interleave(n)
+    return sample[counts[sample] > round_of]
 
 
 class EpochShuffleSampler(Sampler[int]):

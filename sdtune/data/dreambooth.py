@@ -19,13 +19,21 @@ class PriorPreservationDataset(Dataset):
         self.instances = instances
         self.classes = classes
 
+    @property
+    def buckets(self) -> list[tuple[int, int]] | None:
+        """The instances' buckets: class images take the bucket of the instance they pair with."""
+        return getattr(self.instances, "buckets", None)
+
     def __len__(self) -> int:
         return len(self.instances)
 
     def __getitem__(self, index: int) -> dict:
         epoch, i = divmod(index, len(self.instances))
         item = dict(self.instances[index])
-        paired = self.classes[epoch * len(self.classes) + i % len(self.classes)]
+        # With buckets the class image is fitted (resized and cropped or padded, as the
+        # instances are) to its instance's bucket, so the pair stacks into one batch tensor.
+        size = self.instances.size_of(i) if self.buckets is not None else None
+        paired = self.classes.get(epoch * len(self.classes) + i % len(self.classes), size)
         item["class_pixel_values"] = paired["pixel_values"]
         item["class_caption"] = paired["caption"]
         item["class_draw"] = CLASS_DRAW_OFFSET + paired["draw"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections import Counter
 
 from sdtune.config import RunConfig
-from sdtune.data.captions import count_long_captions
+from sdtune.data.captions import CaptionAugment, count_long_captions
+from sdtune.data.multi import items_per_epoch, resolve_sources, source_label
 from sdtune.data.sources import scan_data_config
 
 
@@ -20,27 +21,47 @@ def describe_data(cfg: RunConfig) -> str:
 
     report = scan_data_config(cfg.data)
     samples, d = report.samples, cfg.data
+    tokenizer = load_tokenizer(1)
     lines = [report.summary(), ""]
     lines += _size_lines(samples, cfg)
+    lines += ["", *_caption_lines(samples, d, tokenizer)]
+    for index, source in enumerate(resolve_sources(d) if d.sources else []):
+        own = [s for s in samples if s.source == index]
+        lines += ["", f"source {source_label(source, index)}:"]
+        lines += [f"  {line}" for line in _caption_lines(own, source, tokenizer)]
+    if d.sources:
+        parts = " + ".join(f"{len(p.report.samples)} x {p.repeats}" for p in report.parts)
+        lines.append(f"\none epoch: {items_per_epoch(samples, d)} items ({parts} repeats)")
+    else:
+        epoch = len(samples) * d.repeats
+        lines.append(f"\none epoch: {epoch} items ({len(samples)} images x {d.repeats} repeats)")
+    return "\n".join(lines)
+
+
+def _caption_lines(samples, d, tokenizer) -> list[str]:
+    """Caption lengths, captions over the token window, the trigger and the common tags."""
     captions = [s.caption for s in samples]
     words = [len(c.split()) for c in captions]
     long, example, window = count_long_captions(
-        captions, [s.image_path for s in samples], load_tokenizer(1)
+        captions, [s.image_path for s in samples], tokenizer
     )
-    lines += [
-        "",
+    lines = [
         f"captions: words per caption min {min(words)}, mean {sum(words) / len(words):.1f}, "
         f"max {max(words)}; over {window} tokens: {long}" + (f" (e.g. {example})" if long else ""),
     ]
     if d.trigger:
         missing = sum(d.trigger not in c for c in captions)
         lines.append(f"trigger '{d.trigger}': in {len(captions) - missing} of {len(captions)}")
+    augment = CaptionAugment.from_config(d)
+    if augment.active:
+        lines.append(
+            f"per epoch: shuffle_tags {augment.shuffle_tags} (keep {augment.keep_tags}), "
+            f"tag_dropout {augment.tag_dropout}, caption_dropout {augment.caption_dropout}"
+        )
     tags = Counter(t.strip() for c in captions for t in c.split(d.tag_separator) if t.strip())
     top = ", ".join(f"{t} ({n})" for t, n in tags.most_common(10))
     lines.append(f"most common tags: {top}")
-    epoch = len(samples) * d.repeats
-    lines.append(f"\none epoch: {epoch} items ({len(samples)} images x {d.repeats} repeats)")
-    return "\n".join(lines)
+    return lines
 
 
 def _size_lines(samples, cfg: RunConfig) -> list[str]:

@@ -30,6 +30,7 @@ class Sample:
     caption: str
     ref: Any = None  # where the image is when it is not a file: an object with .load()
     size: tuple[int, int] | None = None  # (width, height) upright, when known from the scan
+    source: int = 0  # position in data.sources (its repeats and caption settings); 0 without
 
     def load(self) -> Image.Image:
         return self.ref.load() if self.ref is not None else load_image(self.image_path)
@@ -45,9 +46,11 @@ class ScanReport:
     caption_notes: CaptionNotes = field(default_factory=CaptionNotes)
     notes: list[str] = field(default_factory=list)
     metadata_path: Path | None = None
+    parts: list[SourceScan] = field(default_factory=list)  # one per data.sources entry
 
     def summary(self) -> str:
         lines = [f"{len(self.samples)} images usable, {len(self.skipped)} skipped"]
+        lines += [f"  {part.line()}" for part in self.parts]
         if self.caption_sources:
             parts = [f"{n} from {src}" for src, n in sorted(self.caption_sources.items())]
             lines.append(f"  captions: {', '.join(parts)}")
@@ -57,8 +60,33 @@ class ScanReport:
         return "\n".join(lines)
 
 
+@dataclass
+class SourceScan:
+    """What one entry of data.sources contributed: its label, weighting and own scan."""
+
+    label: str
+    repeats: int
+    report: ScanReport
+
+    def line(self) -> str:
+        images, skipped = len(self.report.samples), len(self.report.skipped)
+        return (
+            f"source {self.label}: {images} images x {self.repeats} repeats = "
+            f"{images * self.repeats} items per epoch, {skipped} skipped"
+        )
+
+
 def scan_data_config(data_cfg) -> ScanReport:
-    """Scan the source a `DataConfig` describes: a dataset if `dataset` is set, else `dir`."""
+    """Scan what a `DataConfig` describes: each of `sources`, else `dataset` if set, else `dir`."""
+    if data_cfg.sources:
+        from sdtune.data.multi import scan_sources  # multi.py builds on this module
+
+        return scan_sources(data_cfg)
+    return scan_source(data_cfg)
+
+
+def scan_source(data_cfg) -> ScanReport:
+    """Scan one source: a dataset if `dataset` is set, else the folder `dir`."""
     d = data_cfg
     if d.dataset:
         return scan_hf_dataset(
