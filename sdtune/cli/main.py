@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "push": ("push", "upload a run folder (adapter + model card) to the Hugging Face Hub"),
     "vae": ("vae", "encode/decode images with a model's VAE; report compression and error"),
     "info": ("info", "parameter counts of a model per component and layer type"),
+    "estimate": ("estimate", "predicted peak GPU memory of a training run, before loading it"),
     "caption": ("caption", "caption images with an image-to-text model (BLIP); writes sidecars"),
     "demo": ("demo", "train and sample a LoRA on a built-in tiny model, end to end"),
 }

@@ -26,6 +26,7 @@ from sdtune.errors import SdtuneError
 from sdtune.train import checkpoint as ckpt
 from sdtune.train.checkpoint import Progress
 from sdtune.train.ema import AdapterEMA
+from sdtune.train.estimate import log_predicted_peak
 from sdtune.train.inpainting import build_inpainting_channels
 from sdtune.train.objectives import (
     compute_loss,
@@ -182,6 +183,8 @@ def train(cfg: RunConfig) -> TrainResult:
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
         logger.info("data: %s", report.summary())
+        if torch.cuda.is_available():  # predicted peak memory, before the model moves there
+            log_predicted_peak(cfg, family.name)
     run = prepare_run(cfg, accelerator, pipe, family, out, report)
     if resuming:
         restore_checkpoint(run, ckpt.resolve_resume(out, cfg.train.resume))

@@ -1,0 +1,46 @@
+"""`sdtune estimate [RECIPE] [section.key=value ...]`: predicted peak GPU memory of a run."""
+
+from __future__ import annotations
+
+import argparse
+
+from sdtune.config import load_config, split_command_items
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="RECIPE|KEY=VALUE",
+        help="the training recipe and overrides, as for `sdtune train` (data is not read)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe, overrides = split_command_items(args.items)
+    overrides.setdefault("data.dir", "(not needed)")  # the estimate reads no images
+    if "model.family" in overrides:  # the family alone fixes the architecture
+        overrides.setdefault("model.path", "(not needed)")
+    cfg = load_config(recipe, overrides)
+
+    from sdtune.cli.main import quiet_progress_bars
+    from sdtune.train.estimate import (
+        device_memory_line,
+        estimate_memory,
+        format_estimate,
+        resolve_family_name,
+    )
+
+    quiet_progress_bars()
+    family = resolve_family_name(cfg)
+    estimate = estimate_memory(cfg)
+    t, d = cfg.train, cfg.data
+    title = (
+        f"{family}, {d.resolution} px, batch {t.batch_size}, {t.mixed_precision}, "
+        f"optimizer {t.optimizer}, gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}"
+        f", latents {'cached' if d.cache_latents else 'encoded each step'}"
+    )
+    print(format_estimate(estimate, title))
+    line, _ = device_memory_line(estimate)
+    print(line)
+    return 0

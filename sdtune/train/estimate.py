@@ -1,0 +1,319 @@
+"""Predicted peak accelerator memory of a training run, before any weight is loaded.
+
+The static parts are counted: the frozen base in the run's precision, the LoRA weights, their
+fp32 gradients and the optimizer state. What a step adds on top is measured, not guessed: the
+run's models are built on the meta device (shapes only, nothing allocated, nothing downloaded),
+one training step (VAE encode unless latents are cached, text encoder, U-Net, loss, backward)
+runs there, and every tensor the step creates is followed from its allocation to its release.
+That honours gradient checkpointing (recomputation happens in the simulated backward too) and
+the fused attention kernels: attention keeps q, k, v, the output and the log-sum-exp for
+backward, as the flash/memory-efficient kernels do on a GPU, never the full score matrix.
+Allocator fragmentation and library workspaces (cuBLAS, cuDNN) are not tensors and are not
+counted, so a measured `torch.cuda.max_memory_allocated` is expected a little above the total.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from sdtune.config import RunConfig
+from sdtune.errors import SdtuneError
+
+logger = logging.getLogger("sdtune.train")
+
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TOKENS = 77  # CLIP's text window: every caption is padded to it
+GIB = 2**30
+# bitsandbytes keeps 8-bit state only for tensors of at least this many elements, in blocks of
+# 256 values that each carry one fp32 scale; smaller tensors keep fp32 state.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCK = 256
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of each part of a run's peak memory on the accelerator."""
+
+    weights: int  # the frozen base (U-Net, VAE, text encoder) in the run's precision
+    lora: int  # trainable adapter weights, fp32
+    optimizer: int  # optimizer state of the trainable weights
+    activations: int  # what one micro-batch's forward keeps alive for its backward
+    backward: int  # the step's peak above that: fp32 gradients and tensors in flight
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.lora + self.optimizer + self.activations + self.backward
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [
+            ("weights", self.weights),
+            ("lora", self.lora),
+            ("optimizer", self.optimizer),
+            ("activations", self.activations),
+            ("grads+temps", self.backward),
+            ("total", self.total),
+        ]
+
+
+def format_estimate(estimate: MemoryEstimate, title: str = "") -> str:
+    """The estimate as a small table in GiB (and MiB, so tiny models show something)."""
+    lines = [title] if title else []
+    lines.append(f"{'part':<14}{'GiB':>10}{'MiB':>12}")
+    for name, size in estimate.rows():
+        lines.append(f"{name:<14}{size / GIB:>10.2f}{size / 2**20:>12.1f}")
+    return "\n".join(lines)
+
+
+def compute_optimizer_bytes(name: str, params: list[torch.Tensor]) -> int:
+    """Optimizer state bytes for `params` (shapes only; meta tensors are fine).
+
+    AdamW keeps two fp32 moments; the 8-bit optimizers one byte per moment plus a block scale
+    and a shared code map (bitsandbytes, tensors of >= 4096 elements only); Lion one moment; SGD one momentum;
+    Adafactor (no first moment) a row and a column of second-moment statistics per matrix.
+    """
+    total = 0
+    if name in ("adamw8bit", "lion8bit") and any(p.numel() >= BNB_MIN_8BIT_SIZE for p in params):
+        total += (2 if name == "adamw8bit" else 1) * 4 * 256  # one shared fp32 code map each
+    for p in params:
+        n = p.numel()
+        if name == "adamw":
+            total += 8 * n
+        elif name == "sgd":
+            total += 4 * n
+        elif name in ("adamw8bit", "lion8bit"):
+            moments = 2 if name == "adamw8bit" else 1
+            quantized = n >= BNB_MIN_8BIT_SIZE
+            per_moment = n + 4 * math.ceil(n / BNB_BLOCK) if quantized else 4 * n
+            total += moments * per_moment
+        elif name == "adafactor":
+            factored = p.dim() >= 2
+            total += 4 * (n // p.shape[-1] + n // p.shape[-2] if factored else n)
+        else:
+            raise SdtuneError(f"no memory model for train.optimizer={name!r}")
+    return total
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Follows every storage that ops create, from allocation to release; keeps the peak.
+
+    Storages that exist before the mode starts (the weights) are not counted. A storage is
+    released when its last tensor dies, which Python reports through a weak reference.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor.untyped_storage())
+        return out
+
+    def _track(self, storage) -> None:
+        key = storage._cdata
+        if key in self._sizes or key in _preexisting:
+            return
+        size = storage.nbytes()
+        self._sizes[key] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+
+_preexisting: set[int] = set()  # storages of the weights while a simulation runs
+
+
+@contextlib.contextmanager
+def fused_attention_on_meta():
+    """Route scaled-dot-product attention on meta tensors through the fused (flash) kernel.
+
+    On meta, SDPA falls back to the math path, which materialises the B x H x L x L score
+    matrix; GPUs run a fused kernel that keeps only q, k, v, the output and the log-sum-exp.
+    """
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+
+    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if query.device.type != "meta" or kw.get("enable_gqa"):
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kw)
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(query.dtype)
+        return flash(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    functional.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
+def resolve_family_name(cfg: RunConfig) -> str:
+    """The run's model family from the config alone: model.family, or the folder's configs,
+    or a single file's header. A hub id cannot be read offline without loading it."""
+    from sdtune.models.families import FAMILIES, detect_family_from_folder
+
+    if cfg.model.family:
+        return cfg.model.family
+    path = Path(cfg.model.path)
+    if path.is_dir():
+        return detect_family_from_folder(path).name
+    if path.is_file():
+        from sdtune.models.original_layout import (
+            detect_family_from_checkpoint,
+            read_checkpoint_info,
+        )
+
+        return detect_family_from_checkpoint(read_checkpoint_info(path)).name
+    raise SdtuneError(
+        f"cannot tell the family of model.path '{cfg.model.path}' without loading it; "
+        f"set model.family (one of {', '.join(FAMILIES)})"
+    )
+
+
+def build_meta_pipeline(family: str) -> Any:
+    """The family's full-size pipeline with every weight and buffer on the meta device."""
+    from sdtune.models.families import build_pipeline_from_config
+
+    pipe = build_pipeline_from_config(family, empty=True)
+    return pipe.to("meta")
+
+
+def estimate_memory(cfg: RunConfig, pipe: Any = None) -> MemoryEstimate:
+    """Predicted peak memory of training `cfg`; `pipe` (meta weights) defaults to the
+    full-size architecture of the run's family. The pipeline gets LoRA adapters added."""
+    from sdtune.models.families import detect_family
+    from sdtune.train.setup import add_lora_adapters, enable_gradient_checkpointing
+
+    if pipe is None:
+        pipe = build_meta_pipeline(resolve_family_name(cfg))
+    dtype = HALF_DTYPES.get(cfg.train.mixed_precision, torch.float32)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    parts = [pipe.unet, pipe.vae, pipe.text_encoder]
+    weights = sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
+    groups = add_lora_adapters(pipe, cfg)
+    trainable = [p for g in groups for p in g["params"]]
+    lora = sum(4 * p.numel() for p in trainable)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(pipe, cfg.lora.train_text_encoder)
+    # Under autocast the fp32 adapter computes in the half dtype; on meta (no autocast) the
+    # adapter is cast instead, so its inputs are saved in the half dtype as on the GPU.
+    for p in trainable:
+        p.data = p.data.to(dtype)
+    saved, peak, grads = simulate_step(pipe, cfg, dtype, detect_family(pipe).unet_in_channels)
+    return MemoryEstimate(
+        weights=weights,
+        lora=lora,
+        optimizer=compute_optimizer_bytes(cfg.train.optimizer, trainable),
+        activations=saved,
+        # The simulated gradients had the compute dtype; the real ones are fp32.
+        backward=peak - saved + (lora - grads),
+    )
+
+
+def simulate_step(pipe, cfg: RunConfig, dtype: torch.dtype, in_channels: int):
+    """One training step on `pipe`'s device; returns (bytes alive after the forward, peak bytes
+    of the step, bytes of the gradients it left), counting only what the step allocated."""
+    global _preexisting
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    device, batch = unet.device, cfg.train.batch_size
+    latent_side = cfg.data.resolution // pipe.vae_scale_factor
+    _preexisting = {
+        t.untyped_storage()._cdata
+        for m in (unet, vae, text_encoder)
+        for t in [*m.parameters(), *m.buffers()]
+    }
+    trains_text = cfg.lora.train_text_encoder
+    unet.train()
+    text_encoder.train(trains_text)
+    tracker = LiveTensorBytes()
+    try:
+        with fused_attention_on_meta(), tracker:
+            latent_shape = (batch, vae.config.latent_channels, latent_side, latent_side)
+            if cfg.data.cache_latents:  # the posterior's mean and std, read from disk
+                mean = torch.empty(latent_shape, device=device, dtype=dtype)
+                std = torch.empty_like(mean)
+            else:
+                side = cfg.data.resolution
+                pixels = torch.empty(batch, 3, side, side, device=device, dtype=dtype)
+                with torch.no_grad():
+                    posterior = vae.encode(pixels).latent_dist
+                mean, std = posterior.mean, posterior.std
+                del pixels, posterior
+            latents = mean + std * torch.randn_like(mean)
+            del mean, std
+            noise = torch.randn_like(latents)
+            noisy = latents + noise
+            if in_channels == 9:  # mask + masked-image latents
+                extra = torch.empty(batch, 5, latent_side, latent_side, device=device, dtype=dtype)
+                noisy = torch.cat([noisy, extra], 1)
+            timesteps = torch.zeros(batch, dtype=torch.long, device=device)
+            tokens = TOKENS * (getattr(cfg.data, "max_token_length", 75) // 75)  # windows of 75
+            if getattr(cfg.data, "cache_text_embeddings", False) and not trains_text:
+                width = text_encoder.config.hidden_size  # the embeddings, read from disk
+                text = torch.empty(batch, tokens, width, device=device, dtype=dtype)
+            else:
+                ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+                text = torch.cat([text_encoder(w)[0] for w in ids.split(TOKENS, dim=1)], 1)
+            prediction = unet(noisy, timesteps, text.to(dtype)).sample
+            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+            del noisy, text, prediction, latents, noise
+            saved = tracker.live
+            loss.backward()
+            del loss
+            grads = sum(
+                p.grad.untyped_storage().nbytes()
+                for m in (unet, text_encoder)
+                for p in m.parameters()
+                if p.grad is not None
+            )
+    finally:
+        _preexisting = set()
+    for m in (unet, text_encoder):
+        m.zero_grad(set_to_none=True)
+    return saved, tracker.peak, grads
+
+
+def device_memory_line(estimate: MemoryEstimate) -> tuple[str, bool]:
+    """A line comparing the estimate with this machine's GPU, and whether it does not fit."""
+    if not torch.cuda.is_available():
+        return "no GPU found: nothing to compare the estimate with", False
+    free, total = torch.cuda.mem_get_info()
+    name = torch.cuda.get_device_name()
+    need = estimate.total / GIB
+    if estimate.total > total:
+        return (
+            f"warning: predicted peak {need:.2f} GiB exceeds {name}'s {total / GIB:.1f} GiB; "
+            "try train.gradient_checkpointing=true, train.optimizer=adamw8bit, "
+            "data.cache_latents=true or a smaller train.batch_size"
+        ), True
+    return f"fits {name}: {total / GIB:.1f} GiB in all, {free / GIB:.1f} GiB free now", False
+
+
+def log_predicted_peak(cfg: RunConfig, family: str) -> None:
+    """One line at the start of a GPU run; an estimate that fails never stops training."""
+    try:
+        estimate = estimate_memory(cfg, build_meta_pipeline(family))
+    except Exception as exc:  # the estimate is advice; the run itself is what matters
+        logger.info("memory estimate unavailable (%s)", exc)
+        return
+    line, _ = device_memory_line(estimate)
+    logger.info("predicted peak GPU memory %.2f GiB (%s)", estimate.total / GIB, line)

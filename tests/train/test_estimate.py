@@ -1,0 +1,131 @@
+"""The memory estimate against what a real step allocates.
+
+The estimate runs the step on the meta device; the measurement runs a plain training step on
+real CPU tensors and reads the allocator's own events from torch's profiler (every allocation
+and free, in order), so the two share no counting code.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.utils.checkpoint
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from sdtune.config import load_config
+from sdtune.errors import SdtuneError
+from sdtune.models.build import build_pipeline
+from sdtune.models.families import get_family
+from sdtune.models.tiny import tiny_family_configs
+from sdtune.train.estimate import compute_optimizer_bytes, estimate_memory, resolve_family_name
+from sdtune.train.optim import build_optimizer
+from sdtune.train.setup import add_lora_adapters
+
+SD1 = get_family("sd1")
+
+
+def tiny_config(**overrides):
+    items = {"model.path": "x", "data.dir": "x", "data.resolution": "64", "train.batch_size": "2"}
+    return load_config(None, {**items, **overrides})
+
+
+def allocated_bytes(events, until_ns: int) -> tuple[int, int]:
+    """(bytes held at `until_ns`, peak bytes held), from the profiler's allocation (+) and
+    free (-) events in time order."""
+    live = peak = at_mark = 0
+    for start, size in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        if start < until_ns:
+            at_mark = live + size
+        live += size
+        peak = max(peak, live)
+    return at_mark, peak
+
+
+def measure_cpu_step(cfg) -> tuple[int, int, int, int]:
+    """A textbook step on the real tiny model: (base bytes, LoRA bytes, bytes alive after the
+    forward, peak bytes of forward + backward), the last two from the profiler."""
+    pipe = build_pipeline(SD1, tiny_family_configs(SD1))
+    base = sum(
+        p.numel() * 4 for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()
+    )
+    trainable = [p for g in add_lora_adapters(pipe, cfg) for p in g["params"]]
+    if cfg.train.gradient_checkpointing:
+        # Each checkpointed block keeps a copy of the CPU RNG state; on a GPU run that copy is
+        # host memory, so it is left out here to compare only what would sit on the device.
+        checkpoint = functools.partial(
+            torch.utils.checkpoint.checkpoint, use_reentrant=False, preserve_rng_state=False
+        )
+        pipe.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
+    pipe.unet.train()
+    side, batch = cfg.data.resolution, cfg.train.batch_size
+    pixels = torch.randn(batch, 3, side, side)
+    ids = torch.randint(0, 1000, (batch, 77))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels).latent_dist.sample()
+        noise = torch.randn_like(latents)
+        text = pipe.text_encoder(ids)[0]
+        prediction = pipe.unet(latents + noise, torch.zeros(batch, dtype=torch.long), text).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        del latents, text, prediction
+        with record_function("backward"):
+            loss.backward()
+    events = list(prof.profiler.kineto_results.events())
+    mark = min(e.start_ns() for e in events if e.name() == "backward")
+    after_forward, peak = allocated_bytes(events, mark)
+    return base, sum(4 * p.numel() for p in trainable), after_forward, peak
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_estimate_matches_what_a_real_cpu_step_allocates(checkpointing):
+    cfg = tiny_config(**{"train.gradient_checkpointing": str(checkpointing).lower()})
+    estimate = estimate_memory(cfg, build_pipeline(SD1, tiny_family_configs(SD1), empty=True))
+    base, lora, kept, peak = measure_cpu_step(cfg)
+
+    assert estimate.weights == base
+    assert estimate.lora == lora
+    assert estimate.activations == pytest.approx(kept, rel=0.1)
+    step_peak = estimate.activations + estimate.backward
+    assert step_peak == pytest.approx(peak, rel=0.1)
+
+
+def test_gradient_checkpointing_lowers_the_estimated_activations():
+    meta = [build_pipeline(SD1, tiny_family_configs(SD1), empty=True) for _ in range(2)]
+    plain = estimate_memory(tiny_config(**{"data.resolution": "128"}), meta[0])
+    checkpointed = estimate_memory(
+        tiny_config(**{"data.resolution": "128", "train.gradient_checkpointing": "true"}), meta[1]
+    )
+    assert checkpointed.activations < plain.activations / 2
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "sgd", "adafactor"])
+def test_optimizer_bytes_equal_the_state_the_optimizer_allocates(name):
+    # One tensor big enough for 8-bit state (>= 4096 elements), one small that stays fp32.
+    params = [torch.nn.Parameter(torch.randn(16, 320)), torch.nn.Parameter(torch.randn(16, 8))]
+    opt = build_optimizer(name, [{"params": params, "lr": 1e-3}], 0.0)
+    sum(p.square().sum() for p in params).backward()
+    opt.step()
+    tensors = {  # by address: bitsandbytes shares one code map between tensors
+        v.data_ptr(): v.numel() * v.element_size()
+        for state in opt.state.values()
+        for v in state.values()
+        if torch.is_tensor(v) and v.numel() > 1  # step counters and RMS are scalars
+    }
+    held = sum(tensors.values())
+    assert compute_optimizer_bytes(name, params) == held
+
+
+def test_a_hub_id_needs_model_family():
+    cfg = load_config(None, {"model.path": "someone/some-model", "data.dir": "x"})
+    with pytest.raises(SdtuneError, match="set model.family"):
+        resolve_family_name(cfg)
+
+
+def test_cli_names_the_missing_family_in_one_line(capsys):
+    from sdtune.cli.main import main
+
+    assert main(["estimate", "model.path=someone/some-model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.family" in err
