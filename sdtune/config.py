@@ -95,6 +95,10 @@ class DataConfig:
         "", "a Hugging Face dataset (save_to_disk folder or cached name), used instead of dir"
     )
     dataset_split: str = option("train", "split of data.dataset to train on")
+    dataset_streaming: bool = option(
+        False, "stream data.dataset (hub name, files or folder) instead of scanning it first"
+    )
+    shuffle_buffer: int = option(1000, "rows in the seeded shuffle buffer of a streamed dataset")
     shuffle_tags: bool = option(False, "shuffle the caption's tags each epoch (after keep_tags)")
     keep_tags: int = option(0, "leading tags never shuffled or dropped (1 keeps the trigger)")
     tag_separator: str = option(",", "what separates tags in a caption")
@@ -530,6 +534,32 @@ def validate_config(cfg: RunConfig) -> None:
             raise SdtuneError(f"{key} {rule}; got {_current(cfg, key)!r}")
     for i, source in enumerate(cfg.data.sources):
         _validate_source(source, f"data.sources[{i}]")
+    if cfg.data.dataset_streaming:
+        _validate_streaming(cfg.data)
+
+
+def _validate_streaming(d: DataConfig) -> None:
+    """What a stream cannot do: it has no list of images to sort into buckets, hold out, pair
+    with class images, cache in a first pass or repeat within an epoch."""
+    if d.shuffle_buffer < 1:
+        raise SdtuneError(f"data.shuffle_buffer must be at least 1; got {d.shuffle_buffer!r}")
+    refused = [
+        (not d.dataset or d.sources, "data.dataset", "set (one dataset, not data.sources)"),
+        (d.bucketing, "data.bucketing", "false (streamed images get square crops)"),
+        (d.validation_split > 0, "data.validation_split", "0 (hold out a separate split)"),
+        (d.class_dir, "data.class_dir", "empty (no prior preservation)"),
+        (d.cache_latents, "data.cache_latents", "false (nothing to pre-encode)"),
+        (d.repeats != 1, "data.repeats", "1 (an epoch is one pass over the stream)"),
+    ]
+    for bad, key, right in refused:
+        if bad:
+            raise SdtuneError(
+                f"data.dataset_streaming=true needs {key} {right}; got {_current_data(d, key)!r}"
+            )
+
+
+def _current_data(d: DataConfig, key: str) -> Any:
+    return getattr(d, key.split(".")[1])
 
 
 def _validate_source(source: SourceConfig, where: str) -> None:

@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None, help="width in px (multiple of 8)")
     parser.add_argument("--height", type=int, default=None, help="height in px (multiple of 8)")
     parser.add_argument("--out", default="outputs/images", help="folder for the PNGs")
+    parser.add_argument(
+        "--max-token-length",
+        type=int,
+        default=None,
+        help="prompt tokens: 75, or 150/225 in windows (default: as the adapter was trained)",
+    )
     _add_speed_arguments(parser)
 
 
@@ -127,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         noise_level=args.noise_level,
         scheduler=args.scheduler,
         snapshots=parse_numbers(args.snapshots, float, "--snapshots"),
+        max_token_length=args.max_token_length,
     )
     for path in paths:
         print(path)

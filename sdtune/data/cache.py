@@ -21,64 +21,94 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SDTUNE_CACHE", Path.home() / ".cache" / "sdtune")) / "latents"
+def default_cache_dir(kind: str = "latents") -> Path:
+    """~/.cache/sdtune/<kind> (or $SDTUNE_CACHE/<kind>): latents and text embeddings apart."""
+    return Path(os.environ.get("SDTUNE_CACHE", Path.home() / ".cache" / "sdtune")) / kind
 
 
-def vae_fingerprint(vae) -> str:
-    """The VAE's identity: its config and a hash of every weight (read once per run)."""
-    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(vae.state_dict().items()):
+def module_fingerprint(module) -> str:
+    """A model's identity: its config and a hash of every weight (read once per run).
+
+    Config keys starting with "_" (where it was loaded from, library versions) are left out:
+    the same weights loaded from another folder are the same model.
+    """
+    config = module.config
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    config = {
+        k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"
+    }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def entry_path(folder: Path, digest) -> Path:
+    """Where the entry of a finished sha256 `digest` lives (256 sub-folders keep folders small)."""
+    key = digest.hexdigest()
+    return folder / key[:2] / f"{key}.safetensors"
+
+
+def read_entry(path: Path, names: tuple[str, ...], device) -> tuple[torch.Tensor, ...] | None:
+    """The named tensors of an entry, or None if it is missing, torn or foreign."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            return tuple(f.get_tensor(name) for name in names)
+    except Exception:  # safetensors raises its own error types: encode again
+        return None
+
+
+def write_entry(path: Path, tensors: dict[str, torch.Tensor], metadata=None) -> None:
+    """Write under a temporary name, then rename: a reader never sees half an entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata
+        )
+        os.replace(tmp, path)
+    except OSError:  # a full disk only costs speed: the run goes on uncached
+        tmp.unlink(missing_ok=True)
+
+
+def first_misses(paths: list[Path], found: list) -> list[int]:
+    """Rows to encode: the first row of each missing entry (a batch may hold one twice)."""
+    first: dict[Path, int] = {}
+    for i, (path, entry) in enumerate(zip(paths, found, strict=True)):
+        if entry is None:
+            first.setdefault(path, i)
+    return list(first.values())
 
 
 class LatentCache:
     def __init__(self, folder: str | Path, vae, dtype: torch.dtype) -> None:
         self.folder = Path(folder)
         self.vae = vae
-        self.identity = f"{vae_fingerprint(vae)}:{dtype}"
+        self.identity = f"{module_fingerprint(vae)}:{dtype}"
         self.hits = self.misses = 0
 
     def _path(self, pixels: torch.Tensor) -> Path:
         digest = hashlib.sha256(self.identity.encode())
         digest.update(str(tuple(pixels.shape)).encode())
         digest.update(pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        key = digest.hexdigest()
-        return self.folder / key[:2] / f"{key}.safetensors"
-
-    def _read(self, path: Path, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                return f.get_tensor("mean"), f.get_tensor("std")
-        except Exception:  # missing, torn or foreign: encode again
-            return None
-
-    def _write(self, path: Path, mean: torch.Tensor, std: torch.Tensor) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(
-                {"mean": mean.detach().cpu().contiguous(), "std": std.detach().cpu().contiguous()},
-                str(tmp),
-            )
-            os.replace(tmp, path)
-        except OSError:  # a full disk only costs speed: the run goes on uncached
-            tmp.unlink(missing_ok=True)
+        return entry_path(self.folder, digest)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of each image's posterior, from the cache or the VAE."""
         paths = [self._path(p) for p in pixels]
-        found = [self._read(p, pixels.device) for p in paths]
-        missing = [i for i, entry in enumerate(found) if entry is None]
+        found = [read_entry(p, ("mean", "std"), pixels.device) for p in paths]
+        missing = first_misses(paths, found)
         self.hits += len(paths) - len(missing)
         self.misses += len(missing)
         if missing:
             posterior = self.vae.encode(pixels[missing]).latent_dist
             for row, i in enumerate(missing):
-                self._write(paths[i], posterior.mean[row], posterior.std[row])
+                write_entry(paths[i], {"mean": posterior.mean[row], "std": posterior.std[row]})
                 found[i] = (posterior.mean[row], posterior.std[row])
+        for i, path in enumerate(paths):  # a repeat of an entry encoded in this batch
+            if found[i] is None:
+                found[i] = found[paths.index(path)]
         # safetensors stores the exact bytes: a warm run reads what a cold run used.
         return torch.stack([m for m, _ in found]), torch.stack([s for _, s in found])

@@ -10,8 +10,9 @@ Per item and epoch, in the Dataset (seeded by (seed, epoch, index) only):
   6. caption dropout: the whole caption becomes "" with probability `data.caption_dropout`,
      which trains the unconditional prediction used by classifier-free guidance.
 
-Captions longer than the text encoder's window are not split into chunks (no long-prompt
-weighting); they are counted and reported once before training, then truncated by the tokenizer.
+Captions longer than the text encoder's window are counted and reported once before training,
+then truncated, unless `data.max_token_length` (150 or 225) encodes them in several windows of
+75 tokens (sdtune.data.prompts); past that length they are truncated too.
 """
 
 from __future__ import annotations
@@ -174,10 +175,16 @@ def caption_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 
 def count_long_captions(
-    captions: Sequence[str], sources: Sequence[Path], tokenizer
+    captions: Sequence[str], sources: Sequence[Path], tokenizer, max_token_length: int | None = None
 ) -> tuple[int, Path | None, int]:
-    """(number of captions over the tokenizer's window, one such file, the window in tokens)."""
+    """(number of captions cut off, one such file, the limit in tokens with begin and end).
+
+    The limit is the tokenizer's window (77), or `max_token_length` caption tokens plus the
+    begin and end tokens when captions are encoded in several windows (data.max_token_length).
+    """
     window = int(getattr(tokenizer, "model_max_length", 77))
+    if max_token_length is not None and max_token_length + 2 > window:
+        window = max_token_length + 2
     if window > 10_000:  # a tokenizer without a real limit: nothing would be truncated
         return 0, None, window
     unique = sorted(set(captions))
@@ -187,16 +194,28 @@ def count_long_captions(
     return len(hits), (hits[0] if hits else None), window
 
 
-def warn_long_captions(captions: Sequence[str], sources: Sequence[Path], tokenizer) -> int:
-    """Log one warning if some captions will be cut at the text encoder's window; return count."""
-    count, example, window = count_long_captions(captions, sources, tokenizer)
+def warn_long_captions(
+    captions: Sequence[str], sources: Sequence[Path], tokenizer, max_token_length: int = 75
+) -> int:
+    """Log one warning if some captions will be cut; return how many.
+
+    With `max_token_length` 75 the cut is at the text encoder's window; with 150 or 225 the
+    captions are encoded in windows (sdtune.data.prompts) and cut only past that length.
+    """
+    count, example, window = count_long_captions(captions, sources, tokenizer, max_token_length)
     if count:
+        how = (
+            "(set data.max_token_length=150 or 225 to encode them in windows)"
+            if max_token_length <= 75
+            else f"even in windows (data.max_token_length={max_token_length})"
+        )
         logger.warning(
-            "%d of %d captions are longer than the text encoder's %d tokens and will be "
-            "truncated (no chunking), e.g. the caption of %s",
+            "%d of %d captions are longer than %d tokens and will be truncated %s, "
+            "e.g. the caption of %s",
             count,
             len(captions),
             window,
+            how,
             example,
         )
     return count

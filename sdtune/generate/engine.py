@@ -74,6 +74,13 @@ def _pipeline_kwargs(pipe: Any, req: GenerationRequest, seeds: list[int]) -> dic
             kwargs[keyword] = value
     if req.mode == "inpaint":  # inpainting defaults to the U-Net's size, not the image's
         kwargs["width"], kwargs["height"] = req.image.size
+    if req.max_token_length > 75:  # long prompts: encoded in windows, the way training did
+        from sdtune.data.prompts import encode_prompt_embeds
+
+        kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"] = encode_prompt_embeds(
+            pipe, [req.prompt] * n, [req.negative_prompt] * n, req.max_token_length
+        )
+        kwargs["prompt"] = kwargs["negative_prompt"] = None
     return kwargs
 
 

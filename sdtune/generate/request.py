@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sdtune.data.prompts import MAX_TOKEN_LENGTHS
 from sdtune.errors import SdtuneError
 from sdtune.generate.inputs import ImageInput, check_side, read_depth_map, read_image, read_mask
 from sdtune.generate.modes import Mode, check_mode_fits, get_mode
@@ -40,6 +41,9 @@ class GenerationRequest:
     scheduler: str | None = None  # a name from sdtune.generate.schedulers; None keeps the model's
     snapshots: list[float] = field(default_factory=list)  # fractions of the run to decode
     output_type: str = "pil"  # "pil" images, or "np" float arrays in [0, 1] for exact checks
+    # Prompt tokens the text encoder sees: 75 (one window, the pipeline's own encoding), or
+    # 150/225 in windows of 75 as in training with data.max_token_length (sdtune.data.prompts).
+    max_token_length: int = 75
 
     @property
     def mode_spec(self) -> Mode:
@@ -69,6 +73,8 @@ def check_numbers(req: GenerationRequest) -> None:
         raise SdtuneError(f"--strength must be in (0, 1], got {req.strength}")
     if not 0 <= req.noise_level <= 350:
         raise SdtuneError(f"--noise-level must be between 0 and 350, got {req.noise_level}")
+    if req.max_token_length not in MAX_TOKEN_LENGTHS:
+        raise SdtuneError(f"--max-token-length must be 75, 150 or 225, got {req.max_token_length}")
     if req.output_type not in ("pil", "np"):
         raise SdtuneError(f"output_type must be 'pil' or 'np', got '{req.output_type}'")
     for fraction in req.snapshots:

@@ -3,6 +3,7 @@ parameters. `generate` is the in-memory API over an already loaded pipeline."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +44,19 @@ def base_model_of(adapters: list[tuple[str, float]]) -> str:
         if base:
             return base
     raise SdtuneError("no base model given: pass --model (the adapters do not name their base)")
+
+
+def trained_max_token_length(adapters: list[tuple[str, float]]) -> int:
+    """The data.max_token_length the first sdtune adapter was trained with; 75 if none says.
+
+    Prompts are then encoded the way the adapter's captions were, in windows of 75 tokens."""
+    for path, _ in adapters:
+        raw = read_adapter_metadata(resolve_adapter_path(path)).get("config")
+        try:
+            return int(json.loads(raw)["data"]["max_token_length"])
+        except (TypeError, ValueError, KeyError):
+            continue
+    return 75
 
 
 def _check_mode_before_loading(mode: str, model: str | None, family: str | None) -> None:
@@ -180,7 +194,8 @@ def generate_to_folder(
 ) -> list[Path]:
     """Load, generate and save; returns the written paths. `request_fields` are further
     `GenerationRequest` fields: image, mask, depth_map, strength, noise_level, scheduler,
-    snapshots. `mode` defaults to the family's first (txt2img; inpaint for inpainting models)."""
+    snapshots, max_token_length (default: what the first adapter was trained with). `mode`
+    defaults to the family's first (txt2img; inpaint for inpainting models)."""
     from sdtune.models.families import detect_family
 
     adapters = adapters or []
@@ -188,6 +203,13 @@ def generate_to_folder(
     if unknown:
         raise TypeError(f"generate_to_folder() got unexpected arguments: {', '.join(unknown)}")
     all_seeds = seeds_for(seed, num_images, seeds)
+    if request_fields.get("max_token_length") is None:
+        request_fields["max_token_length"] = trained_max_token_length(adapters)
+        if request_fields["max_token_length"] != 75:
+            logger.info(
+                "prompts encoded in windows up to %d tokens, as the adapter was trained",
+                request_fields["max_token_length"],
+            )
     req = GenerationRequest(
         prompt=prompt,
         mode=mode or "txt2img",

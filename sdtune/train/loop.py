@@ -21,9 +21,12 @@ from accelerate.utils import set_seed
 
 from sdtune.adapters.card import write_model_card
 from sdtune.config import RunConfig, save_config
-from sdtune.data.cache import LatentCache, default_cache_dir
+from sdtune.data.cache import LatentCache
+from sdtune.data.prompts import encode_token_windows
+from sdtune.data.text_cache import TextEmbeddingCache
 from sdtune.errors import SdtuneError
 from sdtune.train import checkpoint as ckpt
+from sdtune.train.cache_pass import log_cache_totals, open_caches, prebuild_caches
 from sdtune.train.checkpoint import Progress
 from sdtune.train.ema import AdapterEMA
 from sdtune.train.estimate import log_predicted_peak
@@ -98,6 +101,7 @@ class Run:
     ema: AdapterEMA | None = None
     validation: object = None  # loader of held-out images, when data.validation_split is set
     latent_cache: LatentCache | None = None  # VAE encodings on disk, when data.cache_latents
+    text_cache: TextEmbeddingCache | None = None  # encoder outputs, data.cache_text_embeddings
     progress: Progress = field(default_factory=Progress)
 
 
@@ -147,7 +151,7 @@ def training_step(batch, run: Run, timestep: int | None = None) -> torch.Tensor:
     noisy = compute_noisy_latents(latents, model_noise, timesteps, obj.alphas_cumprod)
     if run.family.unet_in_channels == 9:  # inpainting U-Net: + mask + masked-image latents
         noisy = torch.cat([noisy, build_inpainting_channels(vae, pixels, gens, latents.shape)], 1)
-    text_embeddings = run.text_encoder(batch["input_ids"].to(latents.device))[0]
+    text_embeddings = _encode_text(run, batch, latents.device)
     prediction = run.unet(noisy, timesteps, text_embeddings.to(run.dtype)).sample
     target = compute_target(latents, noise, timesteps, obj.alphas_cumprod, obj.prediction_type)
     weights = torch.ones(len(latents), device=latents.device)
@@ -160,6 +164,15 @@ def training_step(batch, run: Run, timestep: int | None = None) -> torch.Tensor:
         prior = batch["prior"].to(latents.device)
         weights = 2 * weights * torch.where(prior, run.cfg.train.prior_loss_weight, 1.0)
     return compute_loss(prediction, target, weights, obj.loss_type, obj.huber_c)
+
+
+def _encode_text(run: Run, batch, device) -> torch.Tensor:
+    """The captions' text-encoder states: read from the text cache when it is on, else encoded
+    now (through the trained text-encoder LoRA when there is one)."""
+    ids = batch["input_ids"].to(device)
+    if run.text_cache is not None:
+        return run.text_cache.encode(batch["captions"], ids)
+    return encode_token_windows(run.text_encoder, ids)
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -258,14 +271,14 @@ def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) ->
         dtype,
         ema,
     )
-    if cfg.data.cache_latents:
-        run.latent_cache = LatentCache(cfg.data.cache_dir or default_cache_dir(), pipe.vae, dtype)
+    open_caches(run)
     if held_out:
         run.validation = build_validation_loader(held_out, cfg, pipe.tokenizer)
         logger.info("validation: %d held-out images", len(held_out))
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune")
         _log_summary(run, len(loader.dataset))
+    prebuild_caches(run)
     return run
 
 
@@ -467,9 +480,7 @@ def save_final(run: Run) -> Path:
     """The adapter (and its EMA), a sample image and the model card."""
     if run.validation is not None:
         validate(run)
-    if run.latent_cache is not None:
-        cache = run.latent_cache
-        logger.info("latent cache %s: %d read, %d encoded", cache.folder, cache.hits, cache.misses)
+    log_cache_totals(run)
     path = save_adapter_files(run, run.out)
     pipe = run.pipe
     pipe.unet = run.accelerator.unwrap_model(run.unet).eval()

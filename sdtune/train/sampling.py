@@ -52,7 +52,14 @@ def _draw_sample(run, prompt: str, steps: int, seed: int, size: int):
 
     from sdtune.generate.run import GenerationRequest, generate
 
-    request = GenerationRequest(prompt=prompt, steps=steps, seeds=[seed], width=size, height=size)
+    request = GenerationRequest(
+        prompt=prompt,
+        steps=steps,
+        seeds=[seed],
+        width=size,
+        height=size,
+        max_token_length=run.cfg.data.max_token_length,  # prompts encoded as captions were
+    )
     if run.family.unet_in_channels == 9:
         request.mode = "inpaint"
         request.image = Image.new("RGB", (size, size), (127, 127, 127))

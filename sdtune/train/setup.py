@@ -23,7 +23,9 @@ from sdtune.data.captions import CaptionAugment, warn_long_captions
 from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset
 from sdtune.data.dreambooth import PriorPreservationDataset, collate_pairs
 from sdtune.data.multi import augments_per_sample, items_per_epoch, repeats_per_sample
+from sdtune.data.prompts import tokenize_prompts
 from sdtune.data.sources import ScanReport, scan_data_config
+from sdtune.data.streaming import StreamingImageDataset, StreamLoader
 from sdtune.errors import SdtuneError
 from sdtune.train.checkpoint import CHECKPOINTS_DIR
 from sdtune.train.objectives import compute_zero_terminal_snr
@@ -61,7 +63,7 @@ def check_inputs(cfg: RunConfig) -> ScanReport:
     check_attention(cfg.train.attention)
     check_distributed_type()
     images = items_per_epoch(report.samples, cfg.data)
-    if images < cfg.train.batch_size:
+    if images < cfg.train.batch_size and not cfg.data.dataset_streaming:  # a stream: unknown
         raise SdtuneError(
             f"train.batch_size is {cfg.train.batch_size} but the dataset has only {images} "
             "images (with repeats); lower train.batch_size or raise data.repeats"
@@ -202,6 +204,16 @@ def build_dataloader(
     and then as many class images, and `batch["prior"]` marks the class half.
     """
     d = cfg.data
+    if d.dataset_streaming:  # rows come as they are read; the stream is its own sampler
+        stream = StreamingImageDataset(d, cfg.train.seed, cfg.train.batch_size, rank, world_size)
+        loader = StreamLoader(
+            stream,
+            batch_size=cfg.train.batch_size,
+            collate_fn=make_collate(tokenizer, False, d.max_token_length),
+            num_workers=cfg.train.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+        return loader, stream
 
     def dataset_of(items, repeats, augment):
         return ImageCaptionDataset(
@@ -228,9 +240,11 @@ def build_dataloader(
         classes = dataset_of(class_samples, d.repeats, CaptionAugment())
         classes.crop = instances.crop
         dataset = PriorPreservationDataset(instances, classes)
-    warn_long_captions([s.caption for s in samples], [s.image_path for s in samples], tokenizer)
+    warn_long_captions(
+        [s.caption for s in samples], [s.image_path for s in samples], tokenizer, d.max_token_length
+    )
 
-    collate = make_collate(tokenizer, paired=bool(class_samples))
+    collate = make_collate(tokenizer, bool(class_samples), d.max_token_length)
     if d.bucketing:
         per_index = [instances.size_of(i) for i in range(len(instances))]
         sampler = BucketBatchSampler(
@@ -267,8 +281,9 @@ def assign_buckets(samples, cfg: RunConfig) -> list[tuple[int, int]]:
     ]
 
 
-def make_collate(tokenizer, paired: bool = False):
-    """Batch items: stacked pixels, token ids of the captions, and the items' draw numbers."""
+def make_collate(tokenizer, paired: bool = False, max_token_length: int = 75):
+    """Batch items: stacked pixels, the captions and their token ids (in windows of 77, see
+    sdtune.data.prompts), and the items' draw numbers."""
 
     def collate(items: list[dict]) -> dict:
         if paired:
@@ -279,13 +294,7 @@ def make_collate(tokenizer, paired: bool = False):
                 "captions": [i["caption"] for i in items],
                 "draws": [i["draw"] for i in items],
             }
-        batch["input_ids"] = tokenizer(
-            batch.pop("captions"),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        batch["input_ids"] = tokenize_prompts(tokenizer, batch["captions"], max_token_length)
         return batch
 
     return collate

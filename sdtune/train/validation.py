@@ -39,7 +39,10 @@ def build_validation_loader(samples: list, cfg, tokenizer) -> DataLoader:
         seed=cfg.train.seed,
     )
     return DataLoader(
-        dataset, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=make_collate(tokenizer)
+        dataset,
+        batch_size=cfg.train.batch_size,
+        shuffle=False,
+        collate_fn=make_collate(tokenizer, max_token_length=cfg.data.max_token_length),
     )
 
 
