@@ -1,0 +1,323 @@
+"""Train the toy-world base model from scratch: VAE, CLIP text encoder and U-Net.
+
+    .venv/bin/python scripts/train_toy_base.py --out sdtune/toy/base
+
+The result is a real diffusers Stable Diffusion 1 folder (fp16 safetensors, the real CLIP
+tokenizer, the SD 1 PNDM scheduler) that `StableDiffusionPipeline.from_pretrained` loads. It is
+trained only on circles, squares and triangles; stars are held out for a LoRA to teach.
+
+Phases, all seeded (same flags and thread count -> same weights):
+1. the shape/colour classifier (`sdtune.toy.measure`), saved next to the toy package;
+2. the VAE (3 downsamplings like real SD: 64 px -> 8x8x4 latents) on reconstruction plus a
+   small KL term; its scaling factor is set from the measured latent std, as SD's was;
+3. the text encoder and U-Net together, eps-prediction on the SD 1 noise schedule, with 10% empty
+   captions so classifier-free guidance works, and an EMA of both (the EMA is what ships).
+A checkpoint folder is written every `--every-n-steps`, each one a usable base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from torch.nn import functional as F
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdtune.models.tokenizer import CONFIGS_DIR, load_tokenizer, write_tokenizer_folder
+from sdtune.toy.measure import (
+    CLASSIFIER_PATH,
+    classifier_accuracy,
+    save_classifier,
+    to_tensor,
+    train_classifier,
+)
+from sdtune.toy.world import HELD_IN_SHAPES, HELD_OUT_SHAPE, render_scenes, sample_scenes
+
+# The real SD 1 scheduler config (PNDM, scaled-linear betas 0.00085..0.012, eps prediction).
+SCHEDULER_CONFIG = json.loads(
+    (CONFIGS_DIR / "sd1" / "scheduler" / "scheduler_config.json").read_text()
+)
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[16, 32, 64, 64],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=64,
+    )
+
+
+def build_text_encoder(width: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=width,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(width: int, channels: list[int]) -> UNet2DConditionModel:
+    blocks = len(channels)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["CrossAttnDownBlock2D"] * (blocks - 1) + ["DownBlock2D"],
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (blocks - 1),
+        block_out_channels=channels,
+        layers_per_block=1,
+        cross_attention_dim=width,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def render_set(count: int, rng: random.Random) -> tuple[torch.Tensor, list[str]]:
+    scenes = sample_scenes(count, HELD_IN_SHAPES, rng)
+    return to_tensor(render_scenes(scenes, rng)), [s.caption() for s in scenes]
+
+
+def train_vae(args: argparse.Namespace, log) -> AutoencoderKL:
+    rng = random.Random(args.seed + 1)
+    images, _ = render_set(args.vae_images, rng)
+    torch.manual_seed(args.seed + 1)  # each phase seeds itself: phases can run separately
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0, fused=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.vae_steps)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    start = time.time()
+    for step in range(1, args.vae_steps + 1):
+        x = images[torch.randint(0, len(images), (args.vae_batch_size,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        kl = posterior.kl().mean() / z[0].numel()
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + args.kl_weight * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == args.vae_steps:
+            log(
+                f"vae step {step} loss {loss.item():.4f} kl {kl.item():.3f} {time.time() - start:.0f}s"
+            )
+    return vae.eval()
+
+
+@torch.no_grad()
+def set_scaling_factor(vae: AutoencoderKL, seed: int, log) -> float:
+    """1 / std of sampled latents, so the diffusion model sees unit-variance inputs (as in SD)."""
+    images, _ = render_set(512, random.Random(seed + 2))
+    latents = torch.cat(
+        [vae.encode(images[i : i + 128]).latent_dist.sample() for i in range(0, 512, 128)]
+    )
+    factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=round(factor, 5))
+    stars = to_tensor(
+        render_scenes(
+            sample_scenes(128, (HELD_OUT_SHAPE,), random.Random(seed)), random.Random(seed)
+        )
+    )
+    held_in_err = F.mse_loss(
+        vae.decode(vae.encode(images[:128]).latent_dist.mean).sample, images[:128]
+    )
+    star_err = F.mse_loss(vae.decode(vae.encode(stars).latent_dist.mean).sample, stars)
+    log(
+        f"vae scaling factor {factor:.5f}; reconstruction mse held-in {held_in_err:.4f}, stars {star_err:.4f}"
+    )
+    return factor
+
+
+@torch.no_grad()
+def encode_set(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(images), 256):
+        dist = vae.encode(images[i : i + 256]).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def save_base(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
+    """A diffusers SD 1 folder, fp16 weights, written to a temporary name and renamed in."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).half(),
+        text_encoder=copy.deepcopy(text_encoder).half(),
+        tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).half(),
+        scheduler=PNDMScheduler.from_config(SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(tmp / "tokenizer")  # the slow-tokenizer files real SD 1 folders ship (1.5 MB)
+    write_tokenizer_folder(tmp / "tokenizer", sd_version=1)
+    # fp16 on disk, fp32 when loaded: transformers would otherwise keep the text encoder in
+    # fp16 while diffusers upcasts the rest, and a plain from_pretrained would mix dtypes.
+    config_file = tmp / "text_encoder" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = "float32"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p, 1 - decay)
+
+
+def train_diffusion(args, vae, tokenizer, log) -> None:
+    rng = random.Random(args.seed + 3)
+    images, captions = render_set(args.images, rng)
+    means, stds = encode_set(vae, images)
+    factor = vae.config.scaling_factor
+    vocab = sorted(set(captions)) + [""]
+    ids_of = {
+        c: tokenizer(
+            c, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids[0]
+        for c in vocab
+    }
+    caption_ids = torch.stack([ids_of[c] for c in captions])
+    empty_ids = ids_of[""]
+    log(
+        f"{len(images)} training scenes, {len(vocab) - 1} distinct captions, latents {tuple(means.shape[1:])}"
+    )
+
+    torch.manual_seed(args.seed)
+    text_encoder = build_text_encoder(args.text_width)
+    unet = build_unet(args.text_width, args.unet_channels)
+    log(
+        f"parameters: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M, vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M"
+    )
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=True)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    gen = torch.Generator().manual_seed(args.seed + 4)
+    start, losses = time.time(), []
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * factor
+        ids = caption_ids[idx].clone()
+        drop = torch.rand(args.batch_size, generator=gen) < args.empty_caption_rate
+        ids[drop] = empty_ids
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
+        noisy = noise_sched.add_noise(latents, noise, t)
+        context = text_encoder(ids)[0]
+        loss = F.mse_loss(unet(noisy, t, context).sample, noise)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        warmup.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        update_ema(ema_unet, unet, decay)
+        update_ema(ema_text, text_encoder, decay)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            log(f"step {step} loss {np.mean(losses[-50:]):.4f} {time.time() - start:.0f}s")
+        if step % args.every_n_steps == 0 or step == args.steps:
+            folder = args.work / f"checkpoint-{step}"
+            save_base(folder, vae, ema_text, ema_unet, tokenizer)
+            log(f"saved {folder}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("sdtune/toy/base"), help="final model folder"
+    )
+    parser.add_argument(
+        "--work", type=Path, default=Path("/tmp/toy-base-work"), help="checkpoints and log"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (part of the result's identity)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--classifier-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--vae-batch-size", type=int, default=16)
+    parser.add_argument("--vae-images", type=int, default=8000)
+    parser.add_argument("--kl-weight", type=float, default=1e-3)
+    parser.add_argument("--images", type=int, default=20000, help="rendered scenes for the U-Net")
+    parser.add_argument("--steps", type=int, default=8000, help="U-Net + text encoder steps")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--empty-caption-rate", type=float, default=0.1)
+    parser.add_argument("--text-width", type=int, default=64)
+    parser.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 64])
+    parser.add_argument("--every-n-steps", type=int, default=500)
+    parser.add_argument(
+        "--phases", default="classifier,base", help="what to train: classifier, base or both"
+    )
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log_file = (args.work / "train.log").open("a", encoding="utf-8")
+
+    def log(message: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    log(f"arguments: {json.dumps({k: str(v) for k, v in vars(args).items()})}")
+    phases = set(args.phases.split(","))
+    if "classifier" in phases:
+        net = train_classifier(steps=args.classifier_steps, seed=args.seed)
+        save_classifier(net, CLASSIFIER_PATH)
+        log(f"classifier accuracy on fresh renders: {classifier_accuracy(net)}")
+    if "base" not in phases:
+        return
+    tokenizer = load_tokenizer(1)
+    vae = train_vae(args, log)
+    set_scaling_factor(vae, args.seed, log)
+    train_diffusion(args, vae, tokenizer, log)
+    final = args.work / f"checkpoint-{args.steps}"
+    shutil.rmtree(args.out, ignore_errors=True)
+    shutil.copytree(final, args.out)
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Scenes of the toy world: one coloured shape on a plain background, with its caption.
+
+The base model is trained on the held-in shapes only; the held-out shape (the star) is what a
+LoRA teaches later, so whether it was learned can be measured. Rendering is seeded and takes
+well under a millisecond per 64 px image.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdtune.data.synthetic import BACKGROUNDS, COLOURS, render_shape
+
+HELD_IN_SHAPES = ("circle", "square", "triangle")
+HELD_OUT_SHAPE = "star"
+ALL_SHAPES = (*HELD_IN_SHAPES, HELD_OUT_SHAPE)
+COLOUR_NAMES = tuple(sorted(COLOURS))
+BACKGROUND_NAMES = tuple(sorted(BACKGROUNDS))
+TOY_RESOLUTION = 64
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    background: str
+
+    def caption(self, trigger: str = "") -> str:
+        """'a red circle on a white background'; a trigger word goes right before the shape."""
+        subject = f"{trigger} {self.shape}" if trigger else self.shape
+        return f"a {self.colour} {subject} on a {self.background} background"
+
+
+def sample_scenes(count: int, shapes: tuple[str, ...], rng: random.Random) -> list[Scene]:
+    """`count` scenes with shape, colour and background drawn uniformly."""
+    return [
+        Scene(rng.choice(shapes), rng.choice(COLOUR_NAMES), rng.choice(BACKGROUND_NAMES))
+        for _ in range(count)
+    ]
+
+
+def render_scenes(
+    scenes: list[Scene], rng: random.Random, size: int = TOY_RESOLUTION
+) -> np.ndarray:
+    """The scenes as a uint8 array (count, size, size, 3); position, size, turn come from `rng`."""
+    images = [np.asarray(render_shape(s.shape, s.colour, s.background, size, rng)) for s in scenes]
+    return np.stack(images)
+
+
+def all_scenes(shapes: tuple[str, ...]) -> list[Scene]:
+    """Every (shape, colour, background) combination of `shapes`, in a fixed order."""
+    return [Scene(s, c, b) for s in shapes for c in COLOUR_NAMES for b in BACKGROUND_NAMES]
