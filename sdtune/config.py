@@ -534,6 +534,10 @@ def validate_config(cfg: RunConfig) -> None:
             raise SdtuneError(f"{key} {rule}; got {_current(cfg, key)!r}")
     for i, source in enumerate(cfg.data.sources):
         _validate_source(source, f"data.sources[{i}]")
+    if cfg.data.shuffle_buffer < 1:
+        raise SdtuneError(
+            f"data.shuffle_buffer must be at least 1; got {cfg.data.shuffle_buffer!r}"
+        )
     if cfg.data.dataset_streaming:
         _validate_streaming(cfg.data)
 
@@ -541,8 +545,6 @@ def validate_config(cfg: RunConfig) -> None:
 def _validate_streaming(d: DataConfig) -> None:
     """What a stream cannot do: it has no list of images to sort into buckets, hold out, pair
     with class images, cache in a first pass or repeat within an epoch."""
-    if d.shuffle_buffer < 1:
-        raise SdtuneError(f"data.shuffle_buffer must be at least 1; got {d.shuffle_buffer!r}")
     refused = [
         (not d.dataset or d.sources, "data.dataset", "set (one dataset, not data.sources)"),
         (d.bucketing, "data.bucketing", "false (streamed images get square crops)"),

@@ -29,13 +29,24 @@ class DatasetRow:
     row: int
 
     def load(self) -> Image.Image:
-        value = open_dataset(self.source, self.split, self.column)[self.row][self.column]
-        if isinstance(value, dict) and value.get("bytes"):
-            return load_image(io.BytesIO(value["bytes"]))
-        path = value.get("path") if isinstance(value, dict) else value
-        if not path:
-            raise ImageDecodeError("the row holds no image")
-        return load_image(path)
+        return load_image_value(
+            open_dataset(self.source, self.split, self.column)[self.row][self.column]
+        )
+
+
+def load_image_value(value) -> Image.Image:
+    """Decode what an image column holds: {"bytes", "path"} (an undecoded datasets.Image),
+    raw bytes, a file path, or an already decoded PIL image."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, (bytes, bytearray)):
+        return load_image(io.BytesIO(value))
+    if isinstance(value, dict) and value.get("bytes"):
+        return load_image(io.BytesIO(value["bytes"]))
+    path = value.get("path") if isinstance(value, dict) else value
+    if not path or not isinstance(path, str):
+        raise ImageDecodeError("the row holds no image")
+    return load_image(path)
 
 
 @functools.lru_cache(maxsize=4)

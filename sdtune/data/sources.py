@@ -82,6 +82,10 @@ def scan_data_config(data_cfg) -> ScanReport:
         from sdtune.data.multi import scan_sources  # multi.py builds on this module
 
         return scan_sources(data_cfg)
+    if data_cfg.dataset_streaming:
+        from sdtune.data.streaming import scan_stream_preview  # it builds on this module too
+
+        return scan_stream_preview(data_cfg)
     return scan_source(data_cfg)
 
 
