@@ -550,7 +550,12 @@ def _validate_streaming(d: DataConfig) -> None:
         (d.bucketing, "data.bucketing", "false (streamed images get square crops)"),
         (d.validation_split > 0, "data.validation_split", "0 (hold out a separate split)"),
         (d.class_dir, "data.class_dir", "empty (no prior preservation)"),
-        (d.cache_latents, "data.cache_latents", "false (nothing to pre-encode)"),
+        (d.cache_latents, "data.cache_latents", "false (a stream is not pre-encoded)"),
+        (
+            d.cache_text_embeddings,
+            "data.cache_text_embeddings",
+            "false (a stream is not pre-encoded)",
+        ),
         (d.repeats != 1, "data.repeats", "1 (an epoch is one pass over the stream)"),
     ]
     for bad, key, right in refused:

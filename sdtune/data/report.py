@@ -13,6 +13,7 @@ from sdtune.config import RunConfig
 from sdtune.data.captions import CaptionAugment, count_long_captions
 from sdtune.data.multi import items_per_epoch, resolve_sources, source_label
 from sdtune.data.sources import scan_data_config
+from sdtune.data.streaming import known_rows
 
 
 def describe_data(cfg: RunConfig) -> str:
@@ -29,7 +30,11 @@ def describe_data(cfg: RunConfig) -> str:
         own = [s for s in samples if s.source == index]
         lines += ["", f"source {source_label(source, index)}:"]
         lines += [f"  {line}" for line in _caption_lines(own, source, tokenizer)]
-    if d.sources:
+    if d.dataset_streaming:
+        rows = known_rows(d)
+        known = f"{rows} rows" if rows is not None else "rows not known before reading"
+        lines.append(f"\none epoch: one shuffled pass over the stream ({known})")
+    elif d.sources:
         parts = " + ".join(f"{len(p.report.samples)} x {p.repeats}" for p in report.parts)
         lines.append(f"\none epoch: {items_per_epoch(samples, d)} items ({parts} repeats)")
     else:

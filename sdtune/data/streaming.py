@@ -148,7 +148,7 @@ class StreamingImageDataset(IterableDataset):
         self.augment = CaptionAugment.from_config(data_cfg)
         self.epoch, self._skip = 0, 0
         self._pass = (0, 0)  # (epoch, rows to skip) of the pass being read
-        self.rows = _known_rows(data_cfg)
+        self.rows = known_rows(data_cfg)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -228,7 +228,7 @@ def _rows(stream, chunk: int = 64) -> Iterator[dict]:
             yield dict(zip(columns, values, strict=True))
 
 
-def _known_rows(d) -> int | None:
+def known_rows(d) -> int | None:
     """The number of rows when it costs nothing to learn (a saved dataset, parquet footers)."""
     path = Path(d.dataset)
     try:

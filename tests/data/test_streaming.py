@@ -47,7 +47,11 @@ def clean_dir(tmp_path_factory):
 
 
 def _cfg(folder, **extra):
-    values = {
+    return load_config(None, {**_cfg_values(folder), **extra})
+
+
+def _cfg_values(folder) -> dict:
+    return {
         "model.path": "m",
         "data.dataset": str(folder),
         "data.dataset_streaming": True,
@@ -58,7 +62,6 @@ def _cfg(folder, **extra):
         "train.batch_size": 2,
         "train.seed": 3,
     }
-    return load_config(None, {**values, **extra})
 
 
 def _items(cfg, epoch=0, rank=0, world_size=1, skip=0):
@@ -135,6 +138,7 @@ def test_workers_give_the_same_batches_and_resume_skips_exactly(with_bad_row):
         ({"data.bucketing": True}, "data.bucketing"),
         ({"data.validation_split": 0.2}, "data.validation_split"),
         ({"data.repeats": 2}, "data.repeats"),
+        ({"data.cache_latents": True}, "data.cache_latents"),
         ({"data.shuffle_buffer": 0}, "data.shuffle_buffer"),
     ],
 )
@@ -152,6 +156,16 @@ def test_parquet_files_stream_every_row(tmp_path):
     assert all(c.startswith("sks, ") and p.shape == (3, 16, 16) for _, c, p in items)
     with pytest.raises(SdtuneError, match=r"no column 'caption'.*data\.caption_column"):
         scan_data_config(_cfg(folder, **{"data.caption_column": "caption"}).data)
+
+
+def test_inspect_checks_the_first_rows_only(clean_dir, capsys):
+    from sdtune.cli.main import main
+
+    args = [f"{k}={v}" for k, v in _cfg_values(clean_dir).items() if k != "model.path"]
+    assert main(["data", "inspect", *args]) == 0
+    out = capsys.readouterr().out
+    assert "8 images usable" in out and "streamed: the first 8 rows were checked" in out
+    assert f"one shuffled pass over the stream ({ROWS} rows)" in out
 
 
 def test_bad_streams_are_one_line_errors(with_bad_row, tmp_path):
