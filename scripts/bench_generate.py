@@ -132,6 +132,9 @@ def main() -> None:
     parser.add_argument("--count-only", action="store_true", help="count FLOPs on meta and stop")
     args = parser.parse_args()
 
+    from sdtune.cli.main import quiet_libraries
+
+    quiet_libraries()  # before diffusers is imported: it reads its verbosity then
     from sdtune.generate.adapters import fuse_adapters
     from sdtune.generate.device import pick_device, pick_dtype
     from sdtune.generate.txt2img import load_adapters
@@ -144,8 +147,8 @@ def main() -> None:
     args.steps = args.steps or (20 if full else 10)
     step_flops, run_flops = count_flops(full, args.size)
     model = "SD 1.5 full-size" if full else "tiny SD 1"
-    print(f"{model}, {args.size} px: {step_flops / 1e12:.3f} TFLOP per step with guidance, "
-          f"{run_flops / 1e12:.2f} TFLOP per 50-step run (FlopCounterMode, meta device)")  # fmt: skip
+    print(f"{model}, {args.size} px: {step_flops / 1e12:.4f} TFLOP per step with guidance, "
+          f"{run_flops / 1e12:.4f} TFLOP per 50-step run (FlopCounterMode, meta device)")  # fmt: skip
     if args.count_only:
         return
     dtype = pick_dtype(device)
@@ -164,7 +167,7 @@ def main() -> None:
     for name, seconds in rows:
         achieved = step_flops / seconds
         print(f"{name:<28}{seconds * 1e3:>10.2f}{seconds / rows[0][1]:>8.2f}"
-              f"{achieved / 1e12:>9.3f}{achieved / peak:>8.1%}{50 * seconds:>11.2f}")  # fmt: skip
+              f"{achieved / 1e12:>9.4f}{achieved / peak:>8.1%}{50 * seconds:>11.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

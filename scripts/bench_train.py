@@ -367,7 +367,7 @@ def report(results: list[Result], peak_rate: float, predicted: int | None, label
     for r in results:
         achieved = r.flops_per_image * r.images_per_s
         print(f"{r.name:<10}{r.images_per_s:>9.2f}{r.step_s * 1e3:>10.1f}"
-              f"{r.flops_per_image / 1e12:>11.4f}{achieved / 1e12:>9.3f}"
+              f"{r.flops_per_image / 1e12:>11.4f}{achieved / 1e12:>9.4f}"
               f"{achieved / peak_rate:>8.1%}{r.peak_bytes / 2**30:>12.2f} GiB")  # fmt: skip
     if predicted is not None:
         print(f"sdtune estimate of the peak: {predicted / 2**30:.2f} GiB")

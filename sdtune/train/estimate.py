@@ -166,8 +166,8 @@ def fused_attention_on_meta():
 
 
 def resolve_family_name(cfg: RunConfig) -> str:
-    """The run's model family from the config alone: model.family, or the folder's configs,
-    or a single file's header. A hub id cannot be read offline without loading it."""
+    """The run's model family from the config alone: model.family, or the folder's configs (a
+    local folder or a hub model already in the local cache), or a single file's header."""
     from sdtune.models.families import FAMILIES, detect_family_from_folder
 
     if cfg.model.family:
@@ -182,10 +182,26 @@ def resolve_family_name(cfg: RunConfig) -> str:
         )
 
         return detect_family_from_checkpoint(read_checkpoint_info(path)).name
+    cached = _cached_hub_folder(cfg.model.path)
+    if cached is not None:
+        return detect_family_from_folder(cached).name
     raise SdtuneError(
         f"cannot tell the family of model.path '{cfg.model.path}' without loading it; "
         f"set model.family (one of {', '.join(FAMILIES)})"
     )
+
+
+def _cached_hub_folder(repo_id: str) -> Path | None:
+    """The local snapshot of a hub model, if it was downloaded before (never the network)."""
+    if repo_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not in the cache, or not a valid repository name
+        return None
+    return folder if (folder / "model_index.json").is_file() else None
 
 
 def build_meta_pipeline(family: str) -> Any:
