@@ -48,6 +48,8 @@ def open_caches(run) -> None:
             "outputs at every step, so no stored output would be right"
         )
         return
+    # The frozen text encoder stays on the accelerator even when every caption is cached:
+    # later caption variants, held-out items and sample images still go through it.
     run.text_cache = TextEmbeddingCache(folder / "text", pipe.text_encoder, run.dtype)
     augmentations = augmentations_in_use(cfg.data)
     if augmentations:
