@@ -46,7 +46,7 @@ class MemoryEstimate:
 
     weights: int  # the frozen base (U-Net, VAE, text encoder) in the run's precision
     lora: int  # trainable adapter weights, fp32
-    optimizer: int  # optimizer state of the trainable weights
+    optimizer: int  # optimizer state of the trainable weights (and their EMA, if any)
     activations: int  # what one micro-batch's forward keeps alive for its backward
     backward: int  # the step's peak above that: fp32 gradients and tensors in flight
 
@@ -238,7 +238,9 @@ def estimate_memory(cfg: RunConfig, pipe: Any = None) -> MemoryEstimate:
     return MemoryEstimate(
         weights=weights,
         lora=lora,
-        optimizer=compute_optimizer_bytes(cfg.train.optimizer, trainable),
+        # An adapter EMA keeps an fp32 copy of the adapter beside the optimizer state.
+        optimizer=compute_optimizer_bytes(cfg.train.optimizer, trainable)
+        + (lora if cfg.train.ema_decay else 0),
         activations=saved,
         # The simulated gradients had the compute dtype; the real ones are fp32.
         backward=peak - saved + (lora - grads),

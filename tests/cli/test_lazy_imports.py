@@ -10,38 +10,45 @@ import json
 import subprocess
 import sys
 
-import pytest
+from sdtune.cli.main import SUBCOMMANDS
 
 HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
 
+# Runs each command line in turn and reports, after each, which heavy modules are loaded.
 PROBE = """
-import json, sys
+import contextlib, io, json, sys
 from sdtune.cli.main import main
-try:
-    main(sys.argv[1:])
-except SystemExit:
-    pass
-print(json.dumps(sorted(m for m in {heavy} if m in sys.modules)), file=sys.stderr)
+report = []
+for argv in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+    report.append([argv, sorted(m for m in {heavy} if m in sys.modules)])
+print(json.dumps(report))
 """
 
 
-def heavy_modules_after(*argv: str) -> list[str]:
-    probe = PROBE.format(heavy=HEAVY)
+def heavy_modules_after(*command_lines: list[str]) -> list[tuple[list[str], list[str]]]:
+    """For each command line, run in one fresh interpreter, the heavy modules loaded so far."""
     done = subprocess.run(
-        [sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), json.dumps(command_lines)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    return json.loads(done.stderr.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [("--help",), ("train", "--help"), ("estimate", "--help"), ("data", "--help"), ("--version",)],
-    ids=lambda argv: " ".join(argv),
-)
-def test_help_imports_no_heavy_library(argv):
-    assert heavy_modules_after(*argv) == []
+def test_help_of_every_command_imports_no_heavy_library():
+    lines = [["--help"], ["--version"]] + [[name, "--help"] for name in SUBCOMMANDS]
+    for argv, heavy in heavy_modules_after(*lines):
+        assert heavy == [], f"`sdtune {' '.join(argv)}` imported {', '.join(heavy)}"
 
 
 def test_a_config_error_is_reported_before_any_heavy_import():
     # A typo in an override fails at once, before the model stack is imported.
-    assert heavy_modules_after("estimate", "train.batch_sise=2") == []
+    [(_, heavy)] = heavy_modules_after(["estimate", "model.family=sd1", "train.batch_sise=2"])
+    assert heavy == []
