@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-token-length",
         type=int,
         default=None,
+        choices=(75, 150, 225),
         help="prompt tokens: 75, or 150/225 in windows (default: as the adapter was trained)",
     )
     _add_speed_arguments(parser)
