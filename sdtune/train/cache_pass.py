@@ -109,9 +109,12 @@ def _encode_first_epoch(run) -> None:
         f"{name} {c.misses - before[name][1]} encoded, {c.hits - before[name][0]} read"
         for name, c in caches.items()
     ]
-    note = ""
-    if run.text_cache is not None and augmentations_in_use(run.cfg.data):
-        note = " (captions vary per epoch: later variants are encoded when first drawn)"
+    d, notes = run.cfg.data, []
+    if run.latent_cache is not None and (d.random_flip or not d.center_crop):
+        notes.append("random crops and flips are fixed per item, so every epoch reads these")
+    if run.text_cache is not None and augmentations_in_use(d):
+        notes.append("captions vary per epoch: later variants are encoded when first drawn")
+    note = f" ({'; '.join(notes)})" if notes else ""
     logger.info("cache pass over %d items: %s%s", len(dataset), "; ".join(counts), note)
 
 
