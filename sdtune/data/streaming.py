@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sdtune.data.captions import CaptionAugment, build_caption, caption_rng, clean_caption_from
 from sdtune.data.hf import load_image_value
-from sdtune.data.images import ImageDecodeError
+from sdtune.data.images import IMAGE_EXTENSIONS, ImageDecodeError
 from sdtune.data.sources import Sample, ScanReport
 from sdtune.data.transforms import resize_and_crop, to_tensor
 from sdtune.errors import SdtuneError
@@ -59,16 +59,16 @@ def open_stream(source: str, split: str):
                 loaded = loaded[split]
             return loaded.to_iterable_dataset()
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        if path.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
+            return datasets.load_dataset(  # images with a metadata.jsonl/csv: an imagefolder
+                "imagefolder", data_dir=source, split=split, streaming=True
+            )
         data = [p for p in files if p.suffix in _FILE_BUILDERS]
         if data:
             builder = _FILE_BUILDERS[data[0].suffix]
             data = [str(p) for p in data if p.suffix == data[0].suffix]
             return datasets.load_dataset(
                 builder, data_files={split: data}, split=split, streaming=True
-            )
-        if path.is_dir():
-            return datasets.load_dataset(
-                "imagefolder", data_dir=source, split=split, streaming=True
             )
         return datasets.load_dataset(source, split=split, streaming=True)
     except SdtuneError:

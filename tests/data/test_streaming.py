@@ -158,6 +158,15 @@ def test_parquet_files_stream_every_row(tmp_path):
         scan_data_config(_cfg(folder, **{"data.caption_column": "caption"}).data)
 
 
+def test_an_imagefolder_with_metadata_streams(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (30, 30), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    lines = [f'{{"file_name": "{i}.png", "text": "cap{i}"}}' for i in range(3)]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = _cfg(tmp_path, **{"data.trigger": "sks"})
+    assert sorted(c for _, c, _ in _items(cfg)) == ["sks, cap0", "sks, cap1", "sks, cap2"]
+
+
 def test_inspect_checks_the_first_rows_only(clean_dir, capsys):
     from sdtune.cli.main import main
 
