@@ -333,7 +333,7 @@ def _coerce_tables(key: str, value: Any, cls: type) -> list:
     if isinstance(value, str):
         try:
             value = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer too long to read
             raise SdtuneError(f"{key} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(value, list):
         raise SdtuneError(f"{key} must be a list of tables like [{{dir: a}}], got {value!r}")
