@@ -25,7 +25,7 @@ def describe_data(cfg: RunConfig) -> str:
     tokenizer = load_tokenizer(1)
     lines = [report.summary(), ""]
     lines += _size_lines(samples, cfg)
-    lines += ["", *_caption_lines(samples, d, tokenizer)]
+    lines += ["", *_caption_lines(samples, d, tokenizer, per_epoch=not d.sources)]
     for index, source in enumerate(resolve_sources(d) if d.sources else []):
         own = [s for s in samples if s.source == index]
         lines += ["", f"source {source_label(source, index)}:"]
@@ -43,8 +43,9 @@ def describe_data(cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
-def _caption_lines(samples, d, tokenizer) -> list[str]:
-    """Caption lengths, captions over the token window, the trigger and the common tags."""
+def _caption_lines(samples, d, tokenizer, per_epoch: bool = True) -> list[str]:
+    """Caption lengths, captions over the token window, the trigger, the per-epoch caption
+    augmentation (said per source when there are several) and the common tags."""
     captions = [s.caption for s in samples]
     words = [len(c.split()) for c in captions]
     long, example, window = count_long_captions(
@@ -58,7 +59,7 @@ def _caption_lines(samples, d, tokenizer) -> list[str]:
         missing = sum(d.trigger not in c for c in captions)
         lines.append(f"trigger '{d.trigger}': in {len(captions) - missing} of {len(captions)}")
     augment = CaptionAugment.from_config(d)
-    if augment.active:
+    if per_epoch and augment.active:
         lines.append(
             f"per epoch: shuffle_tags {augment.shuffle_tags} (keep {augment.keep_tags}), "
             f"tag_dropout {augment.tag_dropout}, caption_dropout {augment.caption_dropout}"

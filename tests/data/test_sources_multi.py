@@ -118,14 +118,22 @@ def test_inspect_lists_every_source(two_folders, tmp_path, capsys):
     Image.new("RGB", (48, 40)).save(b / "plain.png")
     (b / "broken.png").write_bytes(b"nope")
     recipe = tmp_path / "r.yaml"
-    sources = [{"dir": str(a), "repeats": 3, "trigger": "ohwx"}, {"dir": str(b)}]
-    recipe.write_text(yaml.safe_dump({"data": {"sources": sources, "resolution": 32}}))
+    sources = [
+        {"dir": str(a), "repeats": 3, "trigger": "ohwx"},
+        {"dir": str(b), "caption_dropout": 0.5},
+    ]
+    data = {"sources": sources, "resolution": 32, "caption_dropout": 0.2}
+    recipe.write_text(yaml.safe_dump({"data": data}))
     assert main(["data", "inspect", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert f"source 0 ({a}): 3 images x 3 repeats = 9 items per epoch, 0 skipped" in out
     assert f"source 1 ({b}): 3 images x 1 repeats = 3 items per epoch, 1 skipped" in out
     assert "trigger 'ohwx': in 3 of 3" in out
     assert "one epoch: 12 items (3 x 3 + 3 x 1 repeats)" in out
+    # Each source's own caption augmentation: a inherits data.caption_dropout, b sets its own.
+    assert out.count("per epoch:") == 2
+    assert out.index("caption_dropout 0.2") < out.index(f"source 1 ({b}):\n")
+    assert out.index("caption_dropout 0.5") > out.index(f"source 1 ({b}):\n")
 
 
 def test_a_run_trains_on_a_folder_and_a_dataset(two_folders, tiny_sd1_dir, tmp_path):
