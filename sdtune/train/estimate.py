@@ -165,6 +165,55 @@ def fused_attention_on_meta():
         functional.scaled_dot_product_attention = original
 
 
+@contextlib.contextmanager
+def autocast_on_meta(models, dtype: torch.dtype, fp32_norms: bool = True):
+    """What CUDA autocast does to the tensors a step keeps, for meta tensors (autocast has no
+    meta backend): convolutions and linear layers take `dtype` inputs, group and layer norms
+    run in fp32 (CUDA's policy; `fp32_norms=False` is the CPU's), and each LoRA down-projection
+    gets its own copy of its input (peft casts it to the fp32 adapter's dtype, autocast back).
+    Expects the adapter already cast to `dtype`; the norms' weights are fp32 only meanwhile."""
+    if dtype == torch.float32:
+        yield
+        return
+    from peft.tuners.lora import LoraLayer
+
+    def cast(module, args, to):
+        return tuple(
+            a.to(to) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+        )
+
+    down = {
+        id(a)
+        for m in models
+        for layer in m.modules()
+        if isinstance(layer, LoraLayer)
+        for a in layer.lora_A.values()
+    }
+    hooks, norms = [], []
+    for model in models:
+        for m in model.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and fp32_norms:
+                norms += [(p, p.data) for p in m.parameters(recurse=False)]
+                hooks.append(m.register_forward_pre_hook(lambda m, a: cast(m, a, torch.float32)))
+            elif id(m) in down:  # x -> fp32 (peft) -> dtype (autocast): a new tensor
+                hooks.append(
+                    m.register_forward_pre_hook(
+                        lambda m, a: cast(m, cast(m, a, torch.float32), dtype)
+                    )
+                )
+            elif isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                hooks.append(m.register_forward_pre_hook(lambda m, a: cast(m, a, dtype)))
+    for p, data in norms:
+        p.data = data.float()
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for p, data in norms:
+            p.data = data
+
+
 def resolve_family_name(cfg: RunConfig) -> str:
     """The run's model family from the config alone: model.family, or the folder's configs (a
     local folder or a hub model already in the local cache), or a single file's header."""
@@ -212,9 +261,10 @@ def build_meta_pipeline(family: str) -> Any:
     return pipe.to("meta")
 
 
-def estimate_memory(cfg: RunConfig, pipe: Any = None) -> MemoryEstimate:
+def estimate_memory(cfg: RunConfig, pipe: Any = None, fp32_norms: bool = True) -> MemoryEstimate:
     """Predicted peak memory of training `cfg`; `pipe` (meta weights) defaults to the
-    full-size architecture of the run's family. The pipeline gets LoRA adapters added."""
+    full-size architecture of the run's family. The pipeline gets LoRA adapters added.
+    `fp32_norms` follows CUDA autocast (False: CPU autocast, which keeps norms in half)."""
     from sdtune.models.families import detect_family
     from sdtune.train.setup import add_lora_adapters, enable_gradient_checkpointing
 
@@ -234,7 +284,8 @@ def estimate_memory(cfg: RunConfig, pipe: Any = None) -> MemoryEstimate:
     # adapter is cast instead, so its inputs are saved in the half dtype as on the GPU.
     for p in trainable:
         p.data = p.data.to(dtype)
-    saved, peak, grads = simulate_step(pipe, cfg, dtype, detect_family(pipe).unet_in_channels)
+    in_channels = detect_family(pipe).unet_in_channels
+    saved, peak, grads = simulate_step(pipe, cfg, dtype, in_channels, fp32_norms)
     return MemoryEstimate(
         weights=weights,
         lora=lora,
@@ -247,9 +298,18 @@ def estimate_memory(cfg: RunConfig, pipe: Any = None) -> MemoryEstimate:
     )
 
 
-def simulate_step(pipe, cfg: RunConfig, dtype: torch.dtype, in_channels: int):
-    """One training step on `pipe`'s device; returns (bytes alive after the forward, peak bytes
-    of the step, bytes of the gradients it left), counting only what the step allocated."""
+def simulate_step(
+    pipe, cfg: RunConfig, dtype: torch.dtype, in_channels: int, fp32_norms: bool = True
+):
+    """One training step on `pipe`'s device, under autocast's casts when `dtype` is a half
+    type; returns (bytes alive after the forward, peak bytes of the step, bytes of the
+    gradients it left), counting only what the step allocated."""
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    with autocast_on_meta((unet, vae, text_encoder), dtype, fp32_norms):
+        return _simulate_step(pipe, cfg, dtype, in_channels)
+
+
+def _simulate_step(pipe, cfg: RunConfig, dtype: torch.dtype, in_channels: int):
     global _preexisting
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     device, batch = unet.device, cfg.train.batch_size

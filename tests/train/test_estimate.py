@@ -45,10 +45,14 @@ def allocated_bytes(events, until_ns: int) -> tuple[int, int]:
 
 def measure_cpu_step(cfg) -> tuple[int, int, int, int]:
     """A textbook step on the real tiny model: (base bytes, LoRA bytes, bytes alive after the
-    forward, peak bytes of forward + backward), the last two from the profiler."""
-    pipe = build_pipeline(SD1, tiny_family_configs(SD1))
+    forward, peak bytes of forward + backward), the last two from the profiler. A bf16 run
+    has a bf16 base and fp32 adapters under CPU autocast."""
+    half = cfg.train.mixed_precision == "bf16"
+    pipe = build_pipeline(SD1, tiny_family_configs(SD1)).to(dtype=torch.bfloat16 if half else None)
     base = sum(
-        p.numel() * 4 for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()
+        p.numel() * p.element_size()
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder)
+        for p in m.parameters()
     )
     trainable = [p for g in add_lora_adapters(pipe, cfg) for p in g["params"]]
     if cfg.train.gradient_checkpointing:
@@ -60,15 +64,17 @@ def measure_cpu_step(cfg) -> tuple[int, int, int, int]:
         pipe.unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
     pipe.unet.train()
     side, batch = cfg.data.resolution, cfg.train.batch_size
-    pixels = torch.randn(batch, 3, side, side)
+    pixels = torch.randn(batch, 3, side, side, dtype=torch.bfloat16 if half else None)
     ids = torch.randint(0, 1000, (batch, 77))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with torch.no_grad():
-            latents = pipe.vae.encode(pixels).latent_dist.sample()
-        noise = torch.randn_like(latents)
-        text = pipe.text_encoder(ids)[0]
-        prediction = pipe.unet(latents + noise, torch.zeros(batch, dtype=torch.long), text).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+            with torch.no_grad():
+                latents = pipe.vae.encode(pixels).latent_dist.sample()
+            noise = torch.randn_like(latents)
+            text = pipe.text_encoder(ids)[0]
+            timesteps = torch.zeros(batch, dtype=torch.long)
+            prediction = pipe.unet(latents + noise, timesteps, text).sample
+            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
         del latents, text, prediction
         with record_function("backward"):
             loss.backward()
@@ -78,10 +84,20 @@ def measure_cpu_step(cfg) -> tuple[int, int, int, int]:
     return base, sum(4 * p.numel() for p in trainable), after_forward, peak
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_estimate_matches_what_a_real_cpu_step_allocates(checkpointing):
-    cfg = tiny_config(**{"train.gradient_checkpointing": str(checkpointing).lower()})
-    estimate = estimate_memory(cfg, build_pipeline(SD1, tiny_family_configs(SD1), empty=True))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"train.gradient_checkpointing": "true"},
+        {"train.mixed_precision": "bf16", "data.resolution": "128"},
+    ],
+    ids=["fp32", "checkpointing", "bf16-autocast"],
+)
+def test_estimate_matches_what_a_real_cpu_step_allocates(overrides):
+    cfg = tiny_config(**overrides)
+    meta = build_pipeline(SD1, tiny_family_configs(SD1), empty=True)
+    # CPU autocast keeps norms in bf16 where CUDA's runs them in fp32; compare like with like.
+    estimate = estimate_memory(cfg, meta, fp32_norms=False)
     base, lora, kept, peak = measure_cpu_step(cfg)
 
     assert estimate.weights == base
@@ -129,3 +145,42 @@ def test_cli_names_the_missing_family_in_one_line(capsys):
     assert main(["estimate", "model.path=someone/some-model"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.family" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_estimate_is_within_15_percent_of_the_cuda_peak():
+    """The step's share of the peak (activations, gradients, temporaries) on a real GPU, bf16
+    base under autocast with fp32 adapters, as the loop runs it."""
+    cfg = tiny_config(
+        **{"data.resolution": "256", "train.batch_size": "4", "train.mixed_precision": "bf16"}
+    )
+    estimate = estimate_memory(cfg, build_pipeline(SD1, tiny_family_configs(SD1), empty=True))
+    pipe = build_pipeline(SD1, tiny_family_configs(SD1)).to("cuda", torch.bfloat16)
+    trainable = [p for g in add_lora_adapters(pipe, cfg) for p in g["params"]]
+    pipe.unet.train()
+    pixels = torch.randn(4, 3, 256, 256, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 1000, (4, 77), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.no_grad():
+                latents = pipe.vae.encode(pixels).latent_dist.sample()
+            noise = torch.randn_like(latents)
+            text = pipe.text_encoder(ids)[0]
+            timesteps = torch.zeros(4, dtype=torch.long, device="cuda")
+            prediction = pipe.unet(latents + noise, timesteps, text).sample
+            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+        del latents, text, prediction
+        loss.backward()
+
+    step()  # warm-up: cuBLAS workspace and kernels are allocated once, before the measurement
+    for p in trainable:
+        p.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - before
+    assert estimate.activations + estimate.backward == pytest.approx(measured, rel=0.15)
