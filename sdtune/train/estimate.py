@@ -8,6 +8,7 @@ runs there, and every tensor the step creates is followed from its allocation to
 That honours gradient checkpointing (recomputation happens in the simulated backward too) and
 the fused attention kernels: attention keeps q, k, v, the output and the log-sum-exp for
 backward, as the flash/memory-efficient kernels do on a GPU, never the full score matrix.
+Autocast has no meta backend, so under mixed precision its casts are applied by hooks instead.
 Allocator fragmentation and library workspaces (cuBLAS, cuDNN) are not tensors and are not
 counted, so a measured `torch.cuda.max_memory_allocated` is expected a little above the total.
 """
