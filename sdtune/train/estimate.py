@@ -267,10 +267,20 @@ def estimate_memory(cfg: RunConfig, pipe: Any = None, fp32_norms: bool = True) -
     full-size architecture of the run's family. The pipeline gets LoRA adapters added.
     `fp32_norms` follows CUDA autocast (False: CPU autocast, which keeps norms in half)."""
     from sdtune.models.families import detect_family
-    from sdtune.train.setup import add_lora_adapters, enable_gradient_checkpointing
+    from sdtune.train.setup import (
+        TRAINABLE_FAMILIES,
+        add_lora_adapters,
+        enable_gradient_checkpointing,
+    )
 
     if pipe is None:
-        pipe = build_meta_pipeline(resolve_family_name(cfg))
+        family = resolve_family_name(cfg)
+        if family not in TRAINABLE_FAMILIES:
+            raise SdtuneError(
+                f"training a LoRA on the '{family}' family is not supported yet, so there is "
+                f"nothing to estimate; supported: {', '.join(TRAINABLE_FAMILIES)}"
+            )
+        pipe = build_meta_pipeline(family)
     dtype = HALF_DTYPES.get(cfg.train.mixed_precision, torch.float32)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)

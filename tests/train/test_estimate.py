@@ -139,12 +139,19 @@ def test_a_hub_id_needs_model_family():
         resolve_family_name(cfg)
 
 
-def test_cli_names_the_missing_family_in_one_line(capsys):
+@pytest.mark.parametrize(
+    "items, expected",
+    [
+        (["model.path=someone/some-model"], "set model.family"),
+        (["model.family=sd2-depth"], "'sd2-depth' family is not supported yet"),
+    ],
+)
+def test_cli_reports_what_it_cannot_estimate_in_one_line(capsys, items, expected):
     from sdtune.cli.main import main
 
-    assert main(["estimate", "model.path=someone/some-model"]) == 2
+    assert main(["estimate", *items]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "model.family" in err
+    assert len(err.splitlines()) == 1 and expected in err
 
 
 @pytest.mark.gpu
