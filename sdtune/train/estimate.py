@@ -401,8 +401,8 @@ def log_predicted_peak(cfg: RunConfig, family: str) -> None:
     """One line at the start of a GPU run; an estimate that fails never stops training."""
     try:
         estimate = estimate_memory(cfg, build_meta_pipeline(family))
+        line, _ = device_memory_line(estimate)
     except Exception as exc:  # the estimate is advice; the run itself is what matters
         logger.info("memory estimate unavailable (%s)", exc)
         return
-    line, _ = device_memory_line(estimate)
     logger.info("predicted peak GPU memory %.2f GiB (%s)", estimate.total / GIB, line)
