@@ -25,11 +25,16 @@ def describe_data(cfg: RunConfig) -> str:
     tokenizer = load_tokenizer(1)
     lines = [report.summary(), ""]
     lines += _size_lines(samples, cfg)
-    lines += ["", *_caption_lines(samples, d, tokenizer, per_epoch=not d.sources)]
+    lines += [
+        "",
+        *_caption_lines(samples, d, tokenizer, d.max_token_length, per_epoch=not d.sources),
+    ]
     for index, source in enumerate(resolve_sources(d) if d.sources else []):
         own = [s for s in samples if s.source == index]
         lines += ["", f"source {source_label(source, index)}:"]
-        lines += [f"  {line}" for line in _caption_lines(own, source, tokenizer)]
+        lines += [
+            f"  {line}" for line in _caption_lines(own, source, tokenizer, d.max_token_length)
+        ]
     if d.dataset_streaming:
         rows = known_rows(d)
         known = f"{rows} rows" if rows is not None else "rows not known before reading"
@@ -43,13 +48,15 @@ def describe_data(cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
-def _caption_lines(samples, d, tokenizer, per_epoch: bool = True) -> list[str]:
+def _caption_lines(
+    samples, d, tokenizer, max_token_length: int, per_epoch: bool = True
+) -> list[str]:
     """Caption lengths, captions over the token window, the trigger, the per-epoch caption
     augmentation (said per source when there are several) and the common tags."""
     captions = [s.caption for s in samples]
     words = [len(c.split()) for c in captions]
     long, example, window = count_long_captions(
-        captions, [s.image_path for s in samples], tokenizer
+        captions, [s.image_path for s in samples], tokenizer, max_token_length
     )
     lines = [
         f"captions: words per caption min {min(words)}, mean {sum(words) / len(words):.1f}, "

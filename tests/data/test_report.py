@@ -28,3 +28,6 @@ def test_data_inspect_reports_buckets_skips_and_captions(tmp_path, capsys):
     assert "red square (3)" in out
     square = main(["data", "inspect", f"data.dir={tmp_path}", "data.resolution=128"])
     assert square == 0 and "images upscaled to reach it: 3" in capsys.readouterr().out
+    # the 120-token caption fits when captions are encoded in windows of 75 tokens
+    windows = main(["data", "inspect", f"data.dir={tmp_path}", "data.max_token_length=150"])
+    assert windows == 0 and "over 152 tokens: 0" in capsys.readouterr().out
