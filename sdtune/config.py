@@ -202,7 +202,11 @@ class TrainConfig:
         "objective override; read from the model's scheduler if unset",
         ("epsilon", "v_prediction"),
     )
-    mixed_precision: str = option("no", "autocast precision", ("no", "fp16", "bf16"))
+    mixed_precision: str = option(
+        "auto",
+        "autocast precision; auto: bf16 on GPUs that have it, fp16 on older GPUs, off on a CPU",
+        ("auto", "no", "fp16", "bf16"),
+    )
     gradient_checkpointing: bool = option(False, "recompute activations: less memory, ~30% slower")
     tf32: bool = option(False, "allow TF32 matmuls on Ampere+ GPUs")
     attention: str = option(

@@ -271,6 +271,7 @@ def estimate_memory(cfg: RunConfig, pipe: Any = None, fp32_norms: bool = True) -
         TRAINABLE_FAMILIES,
         add_lora_adapters,
         enable_gradient_checkpointing,
+        resolve_mixed_precision,
     )
 
     if pipe is None:
@@ -281,7 +282,7 @@ def estimate_memory(cfg: RunConfig, pipe: Any = None, fp32_norms: bool = True) -
                 f"nothing to estimate; supported: {', '.join(TRAINABLE_FAMILIES)}"
             )
         pipe = build_meta_pipeline(family)
-    dtype = HALF_DTYPES.get(cfg.train.mixed_precision, torch.float32)
+    dtype = HALF_DTYPES.get(resolve_mixed_precision(cfg.train.mixed_precision), torch.float32)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     parts = [pipe.unet, pipe.vae, pipe.text_encoder]

@@ -56,6 +56,7 @@ from sdtune.train.setup import (
     check_inputs,
     enable_gradient_checkpointing,
     load_base,
+    resolve_mixed_precision,
     set_attention,
     trackers,
 )
@@ -180,6 +181,7 @@ def train(cfg: RunConfig) -> TrainResult:
     # The run folder is made only after the model loaded, so a wrong model path leaves
     # nothing behind that would block the retry.
     report = check_inputs(cfg)
+    cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
     pipe, family = load_base(cfg)
     resuming = cfg.train.resume is not None
     out = prepare_output_dir(cfg.output.dir, cfg.output.overwrite or resuming)

@@ -89,6 +89,16 @@ def check_attention(attention: str) -> None:
         )
 
 
+def resolve_mixed_precision(value: str) -> str:
+    """`auto`: bf16 where the GPU has it (fp16's range without its loss scaling), fp16 on older
+    GPUs, and full precision on a CPU, where half precision is slower, not faster."""
+    if value != "auto":
+        return value
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def check_distributed_type() -> None:
     """Refuse sharded launches (FSDP, DeepSpeed) before anything loads or is written.
 

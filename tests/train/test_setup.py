@@ -103,3 +103,16 @@ def test_sharded_launches_are_refused_before_anything_is_written(
     assert not (tmp_path / "r").exists()
     monkeypatch.setenv(variable, "false")
     check_inputs(cfg)
+
+
+def test_auto_precision_is_bf16_where_the_gpu_has_it_and_off_on_a_cpu(monkeypatch):
+    from sdtune.train.setup import resolve_mixed_precision
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert resolve_mixed_precision("auto") == "no"
+    assert resolve_mixed_precision("fp16") == "fp16"  # an explicit choice is kept
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: True)
+    assert resolve_mixed_precision("auto") == "bf16"
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: False)
+    assert resolve_mixed_precision("auto") == "fp16"
