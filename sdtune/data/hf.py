@@ -49,6 +49,20 @@ def load_image_value(value) -> Image.Image:
     return load_image(path)
 
 
+def select_split(loaded, source: str, split: str):
+    """The `split` of a DatasetDict (a plain Dataset is its own split)."""
+    import datasets
+
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded
+    if split not in loaded:
+        raise SdtuneError(
+            f"data.dataset '{source}' has no split '{split}' "
+            f"(it has: {', '.join(loaded)}); set data.dataset_split"
+        )
+    return loaded[split]
+
+
 @functools.lru_cache(maxsize=4)
 def open_dataset(source: str, split: str, image_column: str):
     """The dataset split, with images left undecoded so each is decoded (safely) on demand."""
@@ -61,13 +75,7 @@ def open_dataset(source: str, split: str, image_column: str):
             loaded = datasets.load_dataset(source, split=split)
     except Exception as exc:  # datasets raises many types; the user needs one line
         raise SdtuneError(f"data.dataset '{source}' cannot be loaded: {exc}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise SdtuneError(
-                f"data.dataset '{source}' has no split '{split}' "
-                f"(it has: {', '.join(loaded)}); set data.dataset_split"
-            )
-        loaded = loaded[split]
+    loaded = select_split(loaded, source, split)
     if image_column not in loaded.column_names:
         raise SdtuneError(
             f"data.dataset '{source}' has no column '{image_column}' "

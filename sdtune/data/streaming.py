@@ -29,7 +29,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sdtune.data.captions import CaptionAugment, build_caption, caption_rng, clean_caption_from
-from sdtune.data.hf import load_image_value
+from sdtune.data.hf import load_image_value, select_split
 from sdtune.data.images import IMAGE_EXTENSIONS, ImageDecodeError
 from sdtune.data.sources import Sample, ScanReport
 from sdtune.data.transforms import resize_and_crop, to_tensor
@@ -49,15 +49,9 @@ def open_stream(source: str, split: str):
     path = Path(source)
     try:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            loaded = datasets.load_from_disk(source)
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise SdtuneError(
-                        f"data.dataset '{source}' has no split '{split}' "
-                        f"(it has: {', '.join(loaded)}); set data.dataset_split"
-                    )
-                loaded = loaded[split]
-            return loaded.to_iterable_dataset()
+            return select_split(
+                datasets.load_from_disk(source), source, split
+            ).to_iterable_dataset()
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         if path.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
             return datasets.load_dataset(  # images with a metadata.jsonl/csv: an imagefolder
