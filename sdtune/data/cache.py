@@ -81,6 +81,14 @@ def first_misses(paths: list[Path], found: list) -> list[int]:
     return list(first.values())
 
 
+def pixel_digest(pixels: torch.Tensor) -> str:
+    """The identity of one image tensor: its shape and exact values (computed on the CPU, in
+    the data loader, so a training step neither hashes nor copies pixels back from the GPU)."""
+    digest = hashlib.sha256(str(tuple(pixels.shape)).encode())
+    digest.update(pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class LatentCache:
     def __init__(self, folder: str | Path, vae, dtype: torch.dtype) -> None:
         self.folder = Path(folder)
@@ -88,16 +96,20 @@ class LatentCache:
         self.identity = f"{module_fingerprint(vae)}:{dtype}"
         self.hits = self.misses = 0
 
-    def _path(self, pixels: torch.Tensor) -> Path:
-        digest = hashlib.sha256(self.identity.encode())
-        digest.update(str(tuple(pixels.shape)).encode())
-        digest.update(pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return entry_path(self.folder, digest)
+    def _path(self, pixel_key: str) -> Path:
+        return entry_path(self.folder, hashlib.sha256(f"{self.identity}:{pixel_key}".encode()))
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of each image's posterior, from the cache or the VAE."""
-        paths = [self._path(p) for p in pixels]
+    def encode(
+        self, pixels: torch.Tensor, pixel_keys: list[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of each image's posterior, from the cache or the VAE.
+
+        `pixel_keys` are the images' `pixel_digest`s, as the data loader computed them from the
+        float32 pixels; without them they are computed here.
+        """
+        keys = pixel_keys or [pixel_digest(p) for p in pixels]
+        paths = [self._path(k) for k in keys]
         found = [read_entry(p, ("mean", "std"), pixels.device) for p in paths]
         missing = first_misses(paths, found)
         self.hits += len(paths) - len(missing)

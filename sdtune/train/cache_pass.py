@@ -122,7 +122,8 @@ def _encode_first_epoch(run) -> None:
 def _encode_batch(run, batch: dict) -> None:
     if run.latent_cache is not None:
         vae = run.pipe.vae
-        run.latent_cache.encode(batch["pixel_values"].to(vae.device, dtype=run.dtype))
+        pixels = batch["pixel_values"].to(vae.device, dtype=run.dtype)
+        run.latent_cache.encode(pixels, batch.get("pixel_keys"))
     if run.text_cache is not None:
         ids = batch["input_ids"].to(run.pipe.text_encoder.device)
         run.text_cache.encode(batch["captions"], ids)

@@ -131,7 +131,7 @@ def training_step(batch, run: Run, timestep: int | None = None) -> torch.Tensor:
     pixels = batch["pixel_values"].to(vae.device, dtype=run.dtype)
     gens = item_generators(run.cfg.train.seed, batch["draws"], pixels.device)
     if run.latent_cache is not None:
-        mean, std = run.latent_cache.encode(pixels)
+        mean, std = run.latent_cache.encode(pixels, batch.get("pixel_keys"))
     else:
         with torch.no_grad():
             posterior = vae.encode(pixels).latent_dist

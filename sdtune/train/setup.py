@@ -19,6 +19,7 @@ from sdtune.adapters.lora import (
 )
 from sdtune.config import RunConfig
 from sdtune.data.buckets import BucketBatchSampler, assign_bucket, build_buckets
+from sdtune.data.cache import pixel_digest
 from sdtune.data.captions import CaptionAugment, warn_long_captions
 from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset
 from sdtune.data.dreambooth import PriorPreservationDataset, collate_pairs
@@ -254,7 +255,7 @@ def build_dataloader(
         [s.caption for s in samples], [s.image_path for s in samples], tokenizer, d.max_token_length
     )
 
-    collate = make_collate(tokenizer, bool(class_samples), d.max_token_length)
+    collate = make_collate(tokenizer, bool(class_samples), d.max_token_length, d.cache_latents)
     if d.bucketing:
         per_index = [instances.size_of(i) for i in range(len(instances))]
         sampler = BucketBatchSampler(
@@ -291,9 +292,12 @@ def assign_buckets(samples, cfg: RunConfig) -> list[tuple[int, int]]:
     ]
 
 
-def make_collate(tokenizer, paired: bool = False, max_token_length: int = 75):
+def make_collate(
+    tokenizer, paired: bool = False, max_token_length: int = 75, pixel_keys: bool = False
+):
     """Batch items: stacked pixels, the captions and their token ids (in windows of 77, see
-    sdtune.data.prompts), and the items' draw numbers."""
+    sdtune.data.prompts), and the items' draw numbers; with `pixel_keys`, each image's latent
+    cache key, computed here so that loader workers do the hashing, not the training step."""
 
     def collate(items: list[dict]) -> dict:
         if paired:
@@ -305,6 +309,8 @@ def make_collate(tokenizer, paired: bool = False, max_token_length: int = 75):
                 "draws": [i["draw"] for i in items],
             }
         batch["input_ids"] = tokenize_prompts(tokenizer, batch["captions"], max_token_length)
+        if pixel_keys:
+            batch["pixel_keys"] = [pixel_digest(p) for p in batch["pixel_values"]]
         return batch
 
     return collate

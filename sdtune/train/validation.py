@@ -42,7 +42,11 @@ def build_validation_loader(samples: list, cfg, tokenizer) -> DataLoader:
         dataset,
         batch_size=cfg.train.batch_size,
         shuffle=False,
-        collate_fn=make_collate(tokenizer, max_token_length=cfg.data.max_token_length),
+        collate_fn=make_collate(
+            tokenizer,
+            max_token_length=cfg.data.max_token_length,
+            pixel_keys=cfg.data.cache_latents,
+        ),
     )
 
 

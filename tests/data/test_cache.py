@@ -68,3 +68,24 @@ def test_cache_is_reused_rebuilt_and_keyed_on_the_vae(tiny_sd1_dir, tmp_path):
     build_tiny_pipeline("sd1", seed=5).save_pretrained(other)
     _run(other, images, tmp_path / "other", cache)
     assert len(_entries(cache)) == 13  # another VAE never reads these entries
+
+
+def test_the_loader_computes_the_keys_and_the_step_uses_them(tmp_path):
+    """Keys come with the batch (hashed in loader workers); they name the same entries the
+    cache would compute itself, and a different image gets a different key."""
+    from sdtune.data.cache import LatentCache, pixel_digest
+    from sdtune.models.tokenizer import load_tokenizer
+    from sdtune.train.setup import make_collate
+
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    items = [{"pixel_values": p, "caption": "a", "draw": i} for i, p in enumerate(pixels)]
+    batch = make_collate(load_tokenizer(1), pixel_keys=True)(items)
+    assert batch["pixel_keys"] == [pixel_digest(p) for p in pixels]
+    assert len(set(batch["pixel_keys"])) == 3
+    assert "pixel_keys" not in make_collate(load_tokenizer(1))(items)  # no cache, no hashing
+
+    cache = LatentCache(tmp_path, build_tiny_pipeline("sd1").vae, torch.float32)
+    cold = cache.encode(batch["pixel_values"], batch["pixel_keys"])
+    warm = cache.encode(batch["pixel_values"])  # keys computed by the cache itself
+    assert (cache.misses, cache.hits) == (3, 3)
+    assert all(torch.equal(a, b) for a, b in zip(cold, warm, strict=True))
