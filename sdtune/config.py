@@ -209,6 +209,9 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = option(False, "recompute activations: less memory, ~30% slower")
     tf32: bool = option(False, "allow TF32 matmuls on Ampere+ GPUs")
+    compile: bool = option(
+        False, "torch.compile the U-Net: slow first steps, then faster ones (mostly on GPUs)"
+    )
     attention: str = option(
         "sdpa",
         "attention kernels: PyTorch's fused SDPA, or xformers (CUDA, must be installed)",

@@ -250,7 +250,9 @@ def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) ->
     )
     optimizer = build_optimizer(cfg.train.optimizer, param_groups, cfg.train.weight_decay)
     lr_scheduler = _build_lr_scheduler(cfg, optimizer, accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
+    # Compiled after the LoRA layers exist; pipe.unet (samples, saving) stays the plain module.
+    unet = torch.compile(pipe.unet) if cfg.train.compile else pipe.unet
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     text_encoder = pipe.text_encoder
     if cfg.lora.train_text_encoder:  # a frozen module must not be wrapped for data parallelism
         text_encoder = accelerator.prepare(text_encoder)
@@ -485,7 +487,7 @@ def save_final(run: Run) -> Path:
     log_cache_totals(run)
     path = save_adapter_files(run, run.out)
     pipe = run.pipe
-    pipe.unet = run.accelerator.unwrap_model(run.unet).eval()
+    pipe.unet = run.accelerator.unwrap_model(run.unet, keep_torch_compile=False).eval()
     pipe.text_encoder = run.accelerator.unwrap_model(run.text_encoder).eval()
     if run.accelerator.is_main_process:
         samples = [save_samples(run, "final")] if run.cfg.output.sample_prompts else []

@@ -75,7 +75,7 @@ def save_adapter_files(run, folder: Path) -> Path:
 
 def _write_adapter(run, folder: Path, file_name: str | None = None) -> Path:
     acc, cfg = run.accelerator, run.cfg
-    unet = acc.unwrap_model(run.unet)
+    unet = acc.unwrap_model(run.unet, keep_torch_compile=False)
     text_encoder = acc.unwrap_model(run.text_encoder) if cfg.lora.train_text_encoder else None
     info = adapter_info(cfg, run.pipe, run.family, run.progress.step)
     kwargs = {"file_name": file_name} if file_name else {}

@@ -1,4 +1,6 @@
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from sdtune.config import load_config
 from sdtune.train.loop import train
@@ -26,3 +28,27 @@ def test_bf16_keeps_the_base_in_bf16_and_the_adapter_in_fp32(tiny_sd1_dir, star_
         base = {p.dtype for n, p in model.named_parameters() if "lora" not in n}
         assert lora == {torch.float32} and base == {torch.bfloat16}
     assert torch.isfinite(torch.tensor(result.last_loss))
+
+
+@pytest.mark.slow  # inductor compiles the U-Net first: ~30 s on 2 cores
+def test_compiled_training_matches_eager_and_saves_plain_keys(tiny_sd1_dir, star_images, tmp_path):
+    runs = {}
+    for compiled in (False, True):
+        cfg = load_config(
+            None,
+            {
+                "model.path": str(tiny_sd1_dir),
+                "data.dir": str(star_images),
+                "data.resolution": 32,
+                "lora.rank": 2,
+                "train.max_steps": 3,
+                "train.batch_size": 2,
+                "train.compile": compiled,
+                "output.dir": str(tmp_path / str(compiled)),
+                "output.log_with": "none",
+            },
+        )
+        runs[compiled] = load_file(str(train(cfg).adapter_path))
+    assert runs[True].keys() == runs[False].keys()  # no `_orig_mod` in the saved names
+    for key, eager in runs[False].items():
+        torch.testing.assert_close(runs[True][key], eager, atol=1e-5, rtol=1e-4)
