@@ -34,20 +34,23 @@ class TextEmbeddingCache:
         digest = hashlib.sha256(self.identity.encode())
         digest.update(caption.encode("utf-8", errors="surrogatepass"))
         digest.update(b"\0")
-        digest.update(input_ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+        digest.update(input_ids.to(torch.int64).contiguous().numpy().tobytes())
         return entry_path(self.folder, digest)
 
     @torch.no_grad()
     def encode(self, captions: Sequence[str], input_ids: torch.Tensor) -> torch.Tensor:
         """The encoder's hidden states of each caption, (batch, tokens, width), from the cache
-        or the encoder; `input_ids` are the captions' tokens (see `tokenize_prompts`)."""
+        or the encoder, on the encoder's device; `input_ids` are the captions' tokens (see
+        `tokenize_prompts`), best left on the CPU where the keys are hashed."""
+        device = self.text_encoder.device
+        input_ids = input_ids.cpu()  # the data loader's tensor: no copy back from the GPU
         paths = [self._path(c, row) for c, row in zip(captions, input_ids, strict=True)]
-        found = [read_entry(p, ("embeddings",), input_ids.device) for p in paths]
+        found = [read_entry(p, ("embeddings",), device) for p in paths]
         missing = first_misses(paths, found)
         self.hits += len(paths) - len(missing)
         self.misses += len(missing)
         if missing:
-            encoded = encode_token_windows(self.text_encoder, input_ids[missing])
+            encoded = encode_token_windows(self.text_encoder, input_ids[missing].to(device))
             for row, i in enumerate(missing):
                 write_entry(paths[i], {"embeddings": encoded[row]}, {"caption": captions[i]})
                 found[i] = (encoded[row],)

@@ -104,7 +104,7 @@ def _encode_first_epoch(run) -> None:
     bar.close()
     if run.text_cache is not None and "caption_dropout" in augmentations_in_use(run.cfg.data):
         ids = tokenize_prompts(run.pipe.tokenizer, [""], run.cfg.data.max_token_length)
-        run.text_cache.encode([""], ids.to(run.pipe.text_encoder.device))
+        run.text_cache.encode([""], ids)
     counts = [
         f"{name} {c.misses - before[name][1]} encoded, {c.hits - before[name][0]} read"
         for name, c in caches.items()
@@ -125,8 +125,7 @@ def _encode_batch(run, batch: dict) -> None:
         pixels = batch["pixel_values"].to(vae.device, dtype=run.dtype)
         run.latent_cache.encode(pixels, batch.get("pixel_keys"))
     if run.text_cache is not None:
-        ids = batch["input_ids"].to(run.pipe.text_encoder.device)
-        run.text_cache.encode(batch["captions"], ids)
+        run.text_cache.encode(batch["captions"], batch["input_ids"])
 
 
 def log_cache_totals(run) -> None:

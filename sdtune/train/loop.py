@@ -170,10 +170,9 @@ def training_step(batch, run: Run, timestep: int | None = None) -> torch.Tensor:
 def _encode_text(run: Run, batch, device) -> torch.Tensor:
     """The captions' text-encoder states: read from the text cache when it is on, else encoded
     now (through the trained text-encoder LoRA when there is one)."""
-    ids = batch["input_ids"].to(device)
-    if run.text_cache is not None:
-        return run.text_cache.encode(batch["captions"], ids)
-    return encode_token_windows(run.text_encoder, ids)
+    if run.text_cache is not None:  # keyed on the loader's CPU token ids
+        return run.text_cache.encode(batch["captions"], batch["input_ids"])
+    return encode_token_windows(run.text_encoder, batch["input_ids"].to(device))
 
 
 def train(cfg: RunConfig) -> TrainResult:
