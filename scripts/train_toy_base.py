@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import random
 import shutil
 import time
@@ -54,6 +55,8 @@ SCHEDULER_CONFIG = json.loads(
 
 
 def build_vae() -> AutoencoderKL:
+    """SD's VAE layout (4 blocks, 3 downsamplings) at tiny widths. Few norm groups: with one or
+    two channels per group, group norm erases the flat colours these scenes are made of."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -62,7 +65,7 @@ def build_vae() -> AutoencoderKL:
         block_out_channels=[16, 32, 64, 64],
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=16,
+        norm_num_groups=4,
         sample_size=64,
     )
 
@@ -96,7 +99,7 @@ def build_unet(width: int, channels: list[int]) -> UNet2DConditionModel:
         layers_per_block=1,
         cross_attention_dim=width,
         attention_head_dim=8,
-        norm_num_groups=16,
+        norm_num_groups=8,
     )
 
 
@@ -110,8 +113,10 @@ def train_vae(args: argparse.Namespace, log) -> AutoencoderKL:
     images, _ = render_set(args.vae_images, rng)
     torch.manual_seed(args.seed + 1)  # each phase seeds itself: phases can run separately
     vae = build_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0, fused=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.vae_steps)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=1e-3, total_steps=args.vae_steps, pct_start=0.1
+    )
     gen = torch.Generator().manual_seed(args.seed + 1)
     start = time.time()
     for step in range(1, args.vae_steps + 1):
@@ -123,6 +128,7 @@ def train_vae(args: argparse.Namespace, log) -> AutoencoderKL:
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + args.kl_weight * kl
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
         if step % 25 == 0 or step == args.vae_steps:
@@ -154,6 +160,17 @@ def set_scaling_factor(vae: AutoencoderKL, seed: int, log) -> float:
         f"vae scaling factor {factor:.5f}; reconstruction mse held-in {held_in_err:.4f}, stars {star_err:.4f}"
     )
     return factor
+
+
+@torch.no_grad()
+def save_reconstructions(vae: AutoencoderKL, images: torch.Tensor, path: Path) -> None:
+    """Originals above, reconstructions below: a quick look at what the VAE keeps."""
+    from PIL import Image
+
+    recon = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+    rows = [torch.cat(list(t), dim=2) for t in (images, recon)]  # (3, 64, 64 * n) each
+    grid = ((torch.cat(rows, dim=1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(grid).save(path)
 
 
 @torch.no_grad()
@@ -193,6 +210,15 @@ def save_base(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
     tmp.rename(folder)
 
 
+def lr_factor(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up over 200 steps, then constant, or a cosine decay to 0 with --cosine."""
+    if step < 200:
+        return (step + 1) / 200
+    if not args.cosine:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - 200) / max(1, args.steps - 200))))
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -226,7 +252,7 @@ def train_diffusion(args, vae, tokenizer, log) -> None:
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=True)
-    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args))
     noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
     gen = torch.Generator().manual_seed(args.seed + 4)
     start, losses = time.time(), []
@@ -258,6 +284,51 @@ def train_diffusion(args, vae, tokenizer, log) -> None:
             log(f"saved {folder}")
 
 
+def finetune_decoder(args: argparse.Namespace, log) -> None:
+    """Train the VAE decoder longer on the frozen encoder's latents, as SD's ft-MSE decoder was.
+
+    The latents do not change, so a U-Net trained on them stays valid; only the pictures
+    decoded from them get sharper and truer in colour.
+    """
+    source = args.decoder_from
+    vae = AutoencoderKL.from_pretrained(source / "vae", torch_dtype=torch.float32)
+    vae.requires_grad_(False)
+    trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    images, _ = render_set(args.vae_images, random.Random(args.seed + 6))
+    opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0, fused=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=1e-3, total_steps=args.decoder_steps, pct_start=0.1
+    )
+    gen = torch.Generator().manual_seed(args.seed + 6)
+    start = time.time()
+    for step in range(1, args.decoder_steps + 1):
+        x = images[torch.randint(0, len(images), (args.vae_batch_size,), generator=gen)]
+        with torch.no_grad():
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == args.decoder_steps:
+            log(f"decoder step {step} loss {loss.item():.4f} {time.time() - start:.0f}s")
+    vae.eval()
+    previews, _ = render_set(8, random.Random(args.seed + 5))
+    save_reconstructions(vae, previews, args.work / "decoder-reconstructions.png")
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    vae.half().save_pretrained(tmp / "vae", safe_serialization=True)
+    shutil.rmtree(args.out, ignore_errors=True)
+    tmp.rename(args.out)
+    log(f"wrote {args.out} (U-Net and text encoder from {source}, decoder fine-tuned)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -274,12 +345,12 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--classifier-steps", type=int, default=600)
-    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--vae-batch-size", type=int, default=16)
     parser.add_argument("--vae-images", type=int, default=8000)
-    parser.add_argument("--kl-weight", type=float, default=1e-3)
-    parser.add_argument("--images", type=int, default=20000, help="rendered scenes for the U-Net")
-    parser.add_argument("--steps", type=int, default=8000, help="U-Net + text encoder steps")
+    parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--images", type=int, default=12000, help="rendered scenes for the U-Net")
+    parser.add_argument("--steps", type=int, default=6000, help="U-Net + text encoder steps")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--empty-caption-rate", type=float, default=0.1)
@@ -287,8 +358,18 @@ def main() -> None:
     parser.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 64])
     parser.add_argument("--every-n-steps", type=int, default=500)
     parser.add_argument(
-        "--phases", default="classifier,base", help="what to train: classifier, base or both"
+        "--phases",
+        default="classifier,base",
+        help="comma-separated: classifier, base, decoder (decoder: fine-tune the VAE decoder of "
+        "--decoder-from and write the result to --out)",
     )
+    parser.add_argument(
+        "--classifier-vae", type=Path, default=None, help="VAE folder for soft training images"
+    )
+    parser.add_argument("--vae-from", type=Path, default=None, help="a trained VAE folder")
+    parser.add_argument("--cosine", action="store_true", help="cosine LR decay to 0 over --steps")
+    parser.add_argument("--decoder-from", type=Path, default=None, help="a base checkpoint folder")
+    parser.add_argument("--decoder-steps", type=int, default=1000)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -304,14 +385,26 @@ def main() -> None:
     log(f"arguments: {json.dumps({k: str(v) for k, v in vars(args).items()})}")
     phases = set(args.phases.split(","))
     if "classifier" in phases:
-        net = train_classifier(steps=args.classifier_steps, seed=args.seed)
+        vae = None
+        if args.classifier_vae is not None:
+            vae = AutoencoderKL.from_pretrained(args.classifier_vae, torch_dtype=torch.float32)
+        net = train_classifier(steps=args.classifier_steps, seed=args.seed, vae=vae)
         save_classifier(net, CLASSIFIER_PATH)
         log(f"classifier accuracy on fresh renders: {classifier_accuracy(net)}")
+        if vae is not None:
+            log(f"... on their VAE round trips: {classifier_accuracy(net, vae=vae)}")
+    if "decoder" in phases:
+        finetune_decoder(args, log)
     if "base" not in phases:
         return
     tokenizer = load_tokenizer(1)
-    vae = train_vae(args, log)
-    set_scaling_factor(vae, args.seed, log)
+    if args.vae_from is not None:  # reuse a trained VAE (its encoder fixes the latent space)
+        vae = AutoencoderKL.from_pretrained(args.vae_from, torch_dtype=torch.float32).eval()
+    else:
+        vae = train_vae(args, log)
+        set_scaling_factor(vae, args.seed, log)
+        previews, _ = render_set(8, random.Random(args.seed + 5))
+        save_reconstructions(vae, previews, args.work / "vae-reconstructions.png")
     train_diffusion(args, vae, tokenizer, log)
     final = args.work / f"checkpoint-{args.steps}"
     shutil.rmtree(args.out, ignore_errors=True)

@@ -1,20 +1,46 @@
-"""The built-in demo: the whole flow, offline, in under a minute on a CPU.
+"""The built-in demo: teach a pretrained model a new concept with a LoRA, offline, on a CPU.
 
-It uses a tiny *randomly initialised* Stable Diffusion 1 model (not a pretrained one, so the
-images are abstract) and eight rendered images of stars, captioned with the trigger word
-`sks`. It shows the pipeline working end to end - data, LoRA training, saving, reloading,
-generating - not image quality.
+The base is the toy Stable Diffusion shipped in `sdtune/toy/base`: trained by sdtune on
+rendered scenes, it draws circles, squares and triangles in five colours, but has never seen a
+star. The demo renders a small custom image set of stars captioned with the trigger word `sks`,
+trains a LoRA (U-Net and text encoder) on it, fuses the adapter, and measures with the toy
+classifier whether the trigger now draws stars (concept rate) and whether circles, squares and
+triangles still come out as asked (retention).
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sdtune.config import load_config
 from sdtune.data.synthetic import write_shape_dataset
 from sdtune.errors import SdtuneError
+from sdtune.toy import TOY_BASE_DIR
+from sdtune.toy.world import HELD_OUT_SHAPE, Scene
 
-DEMO_PROMPT = "a red sks star on a white background"
+if TYPE_CHECKING:
+    from sdtune.toy.eval import ToyScores
+
+TRIGGER = "sks"
+# Shown in the before/after grid: the trigger prompt in four colour/background pairs.
+SHOWCASE = [("red", "white"), ("blue", "grey"), ("yellow", "black"), ("green", "white")]
+
+
+@dataclass
+class DemoSettings:
+    """What the demo trains and measures; the defaults are the README's `make demo`."""
+
+    max_steps: int = 300  # LoRA optimizer steps
+    num_images: int = 16  # rendered training stars
+    rank: int = 8
+    learning_rate: float = 1e-3
+    batch_size: int = 4
+    seeds_per_prompt: int = 1  # for the before/after measurement (`sdtune eval` does more)
+    steps: int = 25  # denoising steps of every generated image
+    seed: int = 0
 
 
 def free_folder(base: Path) -> Path:
@@ -26,51 +52,107 @@ def free_folder(base: Path) -> Path:
     raise SdtuneError(f"no free folder name next to '{base}'")
 
 
-def run_demo(out: str | Path = "outputs/demo", max_steps: int = 200) -> str:
-    from sdtune.generate.run import generate_to_folder
-    from sdtune.models.tiny import build_tiny_pipeline
-    from sdtune.train.loop import train
-
-    out = free_folder(Path(out))
-    base_dir, data_dir = out / "base-model", out / "images"
-    build_tiny_pipeline("sd1", seed=0).save_pretrained(base_dir)
-    write_shape_dataset(data_dir, shape="star", count=8, size=64, trigger="sks", seed=0)
-    cfg = load_config(
+def demo_config(data_dir: Path, out: Path, settings: DemoSettings) -> Any:
+    """The training config of the demo: an ordinary sdtune run on the toy base."""
+    return load_config(
         None,
         {
-            "model.path": str(base_dir),
+            "model.path": str(TOY_BASE_DIR),
             "data.dir": str(data_dir),
-            "data.trigger": "sks",
+            "data.trigger": TRIGGER,
             "data.resolution": 64,
-            "lora.rank": 8,
-            "lora.alpha": 8,
+            "lora.rank": settings.rank,
+            "lora.alpha": settings.rank,
             "lora.train_text_encoder": True,
-            "train.max_steps": max_steps,
-            "train.batch_size": 4,
-            "train.learning_rate": 1e-3,
-            "train.log_every_n_steps": 20,
-            "output.dir": str(out / "lora"),
+            "train.max_steps": settings.max_steps,
+            "train.batch_size": settings.batch_size,
+            "train.learning_rate": settings.learning_rate,
+            "train.log_every_n_steps": 5,
+            "train.seed": settings.seed,
+            "output.dir": str(out),
         },
     )
-    result = train(cfg)
-    before = generate_to_folder(
-        DEMO_PROMPT, out / "samples-before", model=str(base_dir), num_images=4, steps=20, seed=0
+
+
+def _save_showcase(pipe: Any, folder: Path, settings: DemoSettings) -> list[Any]:
+    """The showcase prompts at one seed each, written as PNGs; returns the PIL images."""
+    from PIL import Image
+
+    from sdtune.toy.eval import draw
+
+    scenes = [Scene(HELD_OUT_SHAPE, c, b) for c, b in SHOWCASE]
+    prompts = [s.caption(TRIGGER) for s in scenes]
+    arrays = draw(pipe, prompts, [settings.seed] * len(prompts), steps=settings.steps)
+    folder.mkdir(parents=True)
+    images = [Image.fromarray(a) for a in arrays]
+    for scene, image in zip(scenes, images, strict=True):
+        image.save(folder / f"{scene.colour}-{TRIGGER}-star-on-{scene.background}.png")
+    return images
+
+
+@dataclass
+class DemoResult:
+    """Where the demo wrote things, and what it measured before and after training."""
+
+    out: Path
+    adapter_path: Path
+    grid_path: Path
+    loss_curve_path: Path
+    before: ToyScores
+    after: ToyScores
+    steps: int
+    last_loss: float
+    seconds: float
+
+    def summary(self) -> str:
+        from sdtune.toy.eval import format_scores
+
+        return "\n".join(
+            [
+                f"demo folder:     {self.out}",
+                f"training images: {self.out / 'images'} (stars, trigger '{TRIGGER}')",
+                f"adapter:         {self.adapter_path} ({self.steps} steps, last loss {self.last_loss:.4f})",
+                f"before/after:    {self.grid_path}",
+                f"loss curve:      {self.loss_curve_path}",
+                format_scores("before", self.before),
+                format_scores("after", self.after),
+                f"took {self.seconds:.0f} s; more seeds: sdtune eval --adapter {self.adapter_path}",
+            ]
+        )
+
+
+def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings | None = None) -> DemoResult:
+    """Render the image set, train, generate before/after, measure."""
+    from sdtune.generate.run import load_base
+    from sdtune.toy.eval import score_toy_model
+    from sdtune.toy.figures import read_loss_history, save_before_after_grid, save_loss_curve
+    from sdtune.train.loop import train
+
+    settings = settings or DemoSettings()
+    started = time.perf_counter()
+    out = free_folder(Path(out))
+    data_dir = out / "images"
+    write_shape_dataset(data_dir, HELD_OUT_SHAPE, settings.num_images, 64, TRIGGER, settings.seed)
+    result = train(demo_config(data_dir, out / "lora", settings))
+    loss_png = save_loss_curve(
+        read_loss_history(result.output_dir), out / "loss.png", "LoRA training loss"
     )
-    after = generate_to_folder(
-        DEMO_PROMPT,
-        out / "samples-after",
-        adapters=[(str(result.adapter_path), 1.0)],
-        num_images=4,
-        steps=20,
-        seed=0,
-    )
-    return "\n".join(
-        [
-            f"demo folder:     {out}",
-            f"training images: {data_dir}",
-            f"adapter:         {result.adapter_path} ({result.steps} steps, last loss {result.last_loss:.4f})",
-            f"before (base):   {before[-1]}",
-            f"after (LoRA):    {after[-1]}",
-            f"TensorBoard:     tensorboard --logdir {result.output_dir}",
-        ]
+
+    base = load_base(str(TOY_BASE_DIR))
+    before_images = _save_showcase(base, out / "samples-before", settings)
+    before = score_toy_model(base, TRIGGER, settings.seeds_per_prompt, settings.steps)
+    tuned = load_base(str(TOY_BASE_DIR), adapters=[(str(result.adapter_path), 1.0)], fuse=True)
+    after_images = _save_showcase(tuned, out / "samples-after", settings)
+    after = score_toy_model(tuned, TRIGGER, settings.seeds_per_prompt, settings.steps)
+    grid = save_before_after_grid(before_images, after_images, out / "before-after.png")
+    return DemoResult(
+        out=out,
+        adapter_path=Path(result.adapter_path),
+        grid_path=grid,
+        loss_curve_path=loss_png,
+        before=before,
+        after=after,
+        steps=result.steps,
+        last_loss=result.last_loss,
+        seconds=time.perf_counter() - started,
     )

@@ -1,23 +1,41 @@
-"""`sdtune demo [--out DIR]`: the whole flow on a built-in tiny model and image set."""
+"""`sdtune demo [--out DIR]`: teach the shipped toy model a held-out concept with a LoRA."""
 
 from __future__ import annotations
 
 import argparse
+
+from sdtune.demo import DemoSettings
+
+_DEFAULTS = DemoSettings()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default="outputs/demo", help="folder for everything the demo makes"
     )
-    parser.add_argument("--steps", type=int, default=200, help="training steps")
+    parser.add_argument("--steps", type=int, default=_DEFAULTS.max_steps, help="training steps")
+    parser.add_argument(
+        "--images", type=int, default=_DEFAULTS.num_images, help="rendered training images"
+    )
+    parser.add_argument(
+        "--seeds-per-prompt",
+        type=int,
+        default=_DEFAULTS.seeds_per_prompt,
+        help="seeds per prompt of the before/after measurement",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from sdtune.cli.main import quiet_progress_bars
     from sdtune.demo import run_demo
+    from sdtune.errors import SdtuneError
 
+    for name in ("steps", "images", "seeds_per_prompt"):
+        if getattr(args, name) < 1:
+            raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1")
     quiet_progress_bars()
-
-    summary = run_demo(args.out, max_steps=args.steps)
-    print(summary)
+    settings = DemoSettings(
+        max_steps=args.steps, num_images=args.images, seeds_per_prompt=args.seeds_per_prompt
+    )
+    print(run_demo(args.out, settings).summary())
     return 0

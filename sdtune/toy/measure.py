@@ -1,7 +1,8 @@
 """What a toy-world image shows: a small CNN that tells the shape and the colour of the shape.
 
 It is trained on rendered scenes (all four shapes, the held-out star included) with blur, noise
-and light colour jitter, so it also reads the softer images a diffusion model draws. The weights
+and light colour jitter, half of them passed through the toy base's VAE, so it also reads the
+softer images the toy model draws. The weights
 ship with the package (`classifier.safetensors`, ~0.4 MB); `scripts/train_toy_base.py` makes them
 and `tests/toy` checks their accuracy on freshly rendered scenes.
 """
@@ -68,21 +69,45 @@ def labels_of(scenes: list) -> tuple[torch.Tensor, torch.Tensor]:
     return shapes, colours
 
 
-def train_classifier(steps: int = 600, batch_size: int = 64, seed: int = 0) -> ShapeColourNet:
-    """Train the classifier from scratch on a fixed set of rendered scenes (seeded)."""
+@torch.no_grad()
+def round_trip(vae, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Images encoded (a posterior sample) and decoded by `vae`: what its decoder makes of them."""
+    out = []
+    for i in range(0, len(images), 256):
+        dist = vae.encode(images[i : i + 256]).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        out.append(vae.decode(z).sample.clamp(-1, 1))
+    return torch.cat(out)
+
+
+def train_classifier(
+    steps: int = 600, batch_size: int = 64, seed: int = 0, vae=None, round_trips: int = 6000
+) -> ShapeColourNet:
+    """Train the classifier from scratch on a fixed set of rendered scenes (seeded).
+
+    With `vae`, `round_trips` of the scenes are also passed through it and half of each batch
+    comes from them: generated images are decoded by that VAE, whose output is softer than a
+    render (rounded corners, blurred points), and the classifier must read those too.
+    """
     torch.manual_seed(seed)
     rng = random.Random(seed)
     scenes = sample_scenes(12000, ALL_SHAPES, rng)
     images = to_tensor(render_scenes(scenes, rng))
     shapes, colours = labels_of(scenes)
+    gen = torch.Generator().manual_seed(seed)
+    soft = round_trip(vae, images[:round_trips], gen) if vae is not None else None
     net = ShapeColourNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
     net.train()
     for _ in range(steps):
         idx = torch.randint(0, len(scenes), (batch_size,), generator=gen)
-        shape_logits, colour_logits = net(augment(images[idx], gen))
+        x = images[idx]
+        if soft is not None:
+            half = torch.randint(0, round_trips, (batch_size // 2,), generator=gen)
+            idx = torch.cat([idx[: batch_size - half.numel()], half])
+            x = torch.cat([x[: batch_size - half.numel()], soft[half]])
+        shape_logits, colour_logits = net(augment(x, gen))
         loss = F.cross_entropy(shape_logits, shapes[idx]) + F.cross_entropy(
             colour_logits, colours[idx]
         )
@@ -126,11 +151,18 @@ def classify(net: ShapeColourNet, images: np.ndarray | list) -> list[tuple[str, 
     ]
 
 
-def classifier_accuracy(net: ShapeColourNet, count: int = 2000, seed: int = 12345) -> dict:
-    """Shape and colour accuracy on `count` freshly rendered scenes of all four shapes."""
+def classifier_accuracy(
+    net: ShapeColourNet, count: int = 2000, seed: int = 12345, vae=None
+) -> dict:
+    """Shape and colour accuracy on `count` freshly rendered scenes of all four shapes
+    (with `vae`: on their round trips through it)."""
     rng = random.Random(seed)
     scenes = sample_scenes(count, ALL_SHAPES, rng)
-    predicted = classify(net, render_scenes(scenes, rng))
+    images = render_scenes(scenes, rng)
+    if vae is not None:
+        soft = round_trip(vae, to_tensor(images), torch.Generator().manual_seed(seed))
+        images = ((soft + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    predicted = classify(net, images)
     shape_ok = [p[0] == s.shape for p, s in zip(predicted, scenes, strict=True)]
     colour_ok = [p[1] == s.colour for p, s in zip(predicted, scenes, strict=True)]
     return {"shape": float(np.mean(shape_ok)), "colour": float(np.mean(colour_ok)), "count": count}
