@@ -28,7 +28,8 @@ SUBCOMMANDS = {
     "info": ("info", "parameter counts of a model per component and layer type"),
     "estimate": ("estimate", "predicted peak GPU memory of a training run, before loading it"),
     "caption": ("caption", "caption images with an image-to-text model (BLIP); writes sidecars"),
-    "demo": ("demo", "train and sample a LoRA on a built-in tiny model, end to end"),
+    "demo": ("demo", "teach the shipped toy model a new concept with a LoRA, end to end"),
+    "eval": ("eval", "concept rate and retention of the toy model, with or without a LoRA"),
 }
 
 
