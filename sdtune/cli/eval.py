@@ -21,14 +21,16 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from sdtune.cli.main import quiet_progress_bars
     from sdtune.errors import SdtuneError
+
+    if args.seeds_per_prompt < 1 or args.steps < 1:
+        raise SdtuneError("--seeds-per-prompt and --steps must be at least 1")
+
+    from sdtune.cli.main import quiet_progress_bars
     from sdtune.generate.run import load_base
     from sdtune.toy import TOY_BASE_DIR
     from sdtune.toy.eval import format_scores, score_toy_model
 
-    if args.seeds_per_prompt < 1 or args.steps < 1:
-        raise SdtuneError("--seeds-per-prompt and --steps must be at least 1")
     quiet_progress_bars()
     model = args.model or str(TOY_BASE_DIR)
     options = dict(
