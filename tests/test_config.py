@@ -39,7 +39,11 @@ def test_unknown_key_names_it_and_suggests_the_closest():
         ("lora.rank", "2.5", r"lora\.rank must be int"),
         ("train.learning_rate", "fast", r"train\.learning_rate must be float"),
         ("data.center_crop", "maybe", r"data\.center_crop must be bool"),
-        ("train.mixed_precision", "fp8", r"train\.mixed_precision must be one of auto, no, fp16, bf16"),
+        (
+            "train.mixed_precision",
+            "fp8",
+            r"train\.mixed_precision must be one of auto, no, fp16, bf16",
+        ),
         ("lora.rank", "0", r"lora\.rank must be at least 1"),
         ("train.learning_rate", "-1", r"train\.learning_rate must be positive"),
         ("data.resolution", "500", r"data\.resolution must be a positive multiple of 8"),
