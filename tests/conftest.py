@@ -6,11 +6,27 @@ Everything is built in-process from config; no test touches the network.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture
+def train_in_two_processes():
+    """Runs `sdtune train ITEMS...` in 2 CPU processes under torchrun (gloo); returns stdout."""
+
+    def run(items: list[str]) -> str:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc_per_node", "2", "-m", "sdtune.cli.main", "train", *items]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,6 @@
 then only read."""
 
 import re
-import subprocess
-import sys
 
 from sdtune.config import load_config
 from sdtune.train.loop import train
@@ -61,27 +59,16 @@ def test_the_pass_encodes_each_entry_once_and_training_only_reads(
     assert _entries(cache) == 8 + captions
 
 
-def test_two_processes_encode_each_entry_once(tiny_sd1_dir, star_images, tmp_path):
+def test_two_processes_encode_each_entry_once(
+    tiny_sd1_dir, star_images, tmp_path, train_in_two_processes
+):
     """torchrun starts 2 CPU processes (gloo): the main one builds the cache, both read it."""
     cache = tmp_path / "cache"
     overrides = _settings(tiny_sd1_dir, star_images, tmp_path / "two", cache)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "sdtune.cli.main",
-        "train",
-        *[f"{key}={value}" for key, value in overrides.items()],
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "x 2 processes = 4" in proc.stdout
-    assert len(re.findall(PASS, proc.stdout)) == 1
+    stdout = train_in_two_processes([f"{key}={value}" for key, value in overrides.items()])
+    assert "x 2 processes = 4" in stdout
+    assert len(re.findall(PASS, stdout)) == 1
     captions = _unique_captions(star_images)
     # Totals over both processes: nothing encoded twice, and each process read its 2 steps.
-    assert _totals(proc.stdout, "latent") == (8, 8) == (8, _entries(cache) - captions)
-    assert _totals(proc.stdout, "text-embedding") == (8 - captions + 8, captions)
+    assert _totals(stdout, "latent") == (8, 8) == (8, _entries(cache) - captions)
+    assert _totals(stdout, "text-embedding") == (8 - captions + 8, captions)

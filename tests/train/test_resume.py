@@ -176,11 +176,10 @@ def test_two_accumulated_batches_of_two_equal_one_batch_of_four(
     assert any(first[k].abs().max() > 0 for k in first if "up" in k)  # B moved off zero
 
 
-def test_two_processes_match_one_with_the_same_effective_batch(tiny_sd1_dir, star_images, tmp_path):
+def test_two_processes_match_one_with_the_same_effective_batch(
+    tiny_sd1_dir, star_images, tmp_path, train_in_two_processes
+):
     """Real data parallelism: torchrun starts 2 CPU processes (gloo), each with half the batch."""
-    import subprocess
-    import sys
-
     plain = {
         "data.shuffle_tags": False,
         "data.tag_dropout": 0.0,
@@ -198,22 +197,9 @@ def test_two_processes_match_one_with_the_same_effective_batch(tiny_sd1_dir, sta
         for key, value in vars(values).items()
         if value is not None
     ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "sdtune.cli.main",
-        "train",
-        *overrides,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "x 2 processes = 4" in proc.stdout  # both processes joined one run
-    assert proc.stdout.count("step 3/3") == 1  # only the main process reports
+    stdout = train_in_two_processes(overrides)
+    assert "x 2 processes = 4" in stdout  # both processes joined one run
+    assert stdout.count("step 3/3") == 1  # only the main process reports
     first, second = (
         load_file(str(single.adapter_path)),
         load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors")),
