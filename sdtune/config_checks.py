@@ -1,0 +1,179 @@
+"""Range and consistency checks of a loaded RunConfig: each failure names the key, what it
+got and what would be right. Kept apart from sdtune.config, which declares the options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdtune.config import DataConfig, RunConfig, SourceConfig
+from sdtune.errors import SdtuneError
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Range checks that need no model: each failure names the key and the valid range."""
+    checks = [
+        (cfg.model.path != "", "model.path", "is required (a diffusers folder, hub id or file)"),
+        (
+            cfg.data.dir != "" or cfg.data.dataset != "" or bool(cfg.data.sources),
+            "data.dir",
+            "is required (a folder of images), or set data.dataset or data.sources",
+        ),
+        (
+            not (cfg.data.sources and (cfg.data.dir or cfg.data.dataset)),
+            "data.sources",
+            "replaces data.dir and data.dataset; put each folder or dataset in the list",
+        ),
+        (
+            cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0,
+            "data.resolution",
+            "must be a positive multiple of 8",
+        ),
+        (cfg.data.repeats >= 1, "data.repeats", "must be at least 1"),
+        (cfg.data.image_column != "", "data.image_column", "must name a column"),
+        (cfg.data.caption_column != "", "data.caption_column", "must name a column"),
+        (cfg.data.keep_tags >= 0, "data.keep_tags", "must be 0 or more"),
+        (cfg.data.tag_separator != "", "data.tag_separator", "must not be empty"),
+        (0.0 <= cfg.data.tag_dropout <= 1.0, "data.tag_dropout", "must be in [0, 1]"),
+        (0.0 <= cfg.data.caption_dropout <= 1.0, "data.caption_dropout", "must be in [0, 1]"),
+        (
+            cfg.data.max_token_length in (75, 150, 225),
+            "data.max_token_length",
+            "must be 75, 150 or 225 (1, 2 or 3 windows of 75 tokens)",
+        ),
+        (cfg.lora.rank >= 1, "lora.rank", "must be at least 1"),
+        (cfg.lora.alpha > 0, "lora.alpha", "must be positive"),
+        (
+            cfg.lora.text_encoder_rank is None or cfg.lora.text_encoder_rank >= 1,
+            "lora.text_encoder_rank",
+            "must be at least 1",
+        ),
+        (
+            cfg.lora.text_encoder_alpha is None or cfg.lora.text_encoder_alpha > 0,
+            "lora.text_encoder_alpha",
+            "must be positive",
+        ),
+        (0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)"),
+        (cfg.train.max_steps >= 1, "train.max_steps", "must be at least 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1"),
+        (
+            cfg.train.gradient_accumulation_steps >= 1,
+            "train.gradient_accumulation_steps",
+            "must be at least 1",
+        ),
+        (cfg.train.learning_rate > 0, "train.learning_rate", "must be positive"),
+        (
+            cfg.train.text_encoder_learning_rate is None
+            or cfg.train.text_encoder_learning_rate > 0,
+            "train.text_encoder_learning_rate",
+            "must be positive",
+        ),
+        (cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay", "must be 0 or more"),
+        (cfg.train.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 or more"),
+        (cfg.train.num_workers >= 0, "train.num_workers", "must be 0 or more"),
+        (cfg.train.log_every_n_steps >= 1, "train.log_every_n_steps", "must be at least 1"),
+        (
+            cfg.train.checkpoint_every_n_steps >= 0,
+            "train.checkpoint_every_n_steps",
+            "must be 0 or more",
+        ),
+        (cfg.train.keep_checkpoints >= 0, "train.keep_checkpoints", "must be 0 or more"),
+        (cfg.train.lr_cycles >= 1, "train.lr_cycles", "must be at least 1"),
+        (cfg.train.lr_power > 0, "train.lr_power", "must be positive"),
+        (cfg.train.huber_c > 0, "train.huber_c", "must be positive"),
+        (
+            cfg.train.min_snr_gamma is None or cfg.train.min_snr_gamma > 0,
+            "train.min_snr_gamma",
+            "must be positive",
+        ),
+        (cfg.train.noise_offset >= 0, "train.noise_offset", "must be 0 or more"),
+        (cfg.train.input_perturbation >= 0, "train.input_perturbation", "must be 0 or more"),
+        (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)"),
+        (
+            not cfg.data.class_dir or cfg.data.class_prompt != "",
+            "data.class_prompt",
+            "is required with data.class_dir (the caption of the class images)",
+        ),
+        (cfg.data.num_class_images >= 0, "data.num_class_images", "must be 0 or more"),
+        (cfg.train.prior_loss_weight >= 0, "train.prior_loss_weight", "must be 0 or more"),
+        (
+            cfg.data.bucket_step >= 8 and cfg.data.bucket_step % 8 == 0,
+            "data.bucket_step",
+            "must be a positive multiple of 8",
+        ),
+        (cfg.data.max_aspect >= 1.0, "data.max_aspect", "must be at least 1"),
+        (0.0 <= cfg.data.validation_split < 1.0, "data.validation_split", "must be in [0, 1)"),
+        (
+            cfg.output.validation_every_n_steps >= 0,
+            "output.validation_every_n_steps",
+            "must be 0 or more",
+        ),
+        (cfg.output.sample_every_n_steps >= 0, "output.sample_every_n_steps", "must be 0 or more"),
+        (cfg.output.dir != "", "output.dir", "is required"),
+        (cfg.output.sample_steps >= 1, "output.sample_steps", "must be at least 1"),
+    ]
+    for ok, key, rule in checks:
+        if not ok:
+            raise SdtuneError(f"{key} {rule}; got {_current(cfg, key)!r}")
+    for i, source in enumerate(cfg.data.sources):
+        _validate_source(source, f"data.sources[{i}]")
+    if cfg.data.shuffle_buffer < 1:
+        raise SdtuneError(
+            f"data.shuffle_buffer must be at least 1; got {cfg.data.shuffle_buffer!r}"
+        )
+    if cfg.data.dataset_streaming:
+        _validate_streaming(cfg.data)
+
+
+def _validate_streaming(d: DataConfig) -> None:
+    """What a stream cannot do: it has no list of images to sort into buckets, hold out, pair
+    with class images, cache in a first pass or repeat within an epoch."""
+    refused = [
+        (not d.dataset or d.sources, "data.dataset", "set (one dataset, not data.sources)"),
+        (d.bucketing, "data.bucketing", "false (streamed images get square crops)"),
+        (d.validation_split > 0, "data.validation_split", "0 (hold out a separate split)"),
+        (d.class_dir, "data.class_dir", "empty (no prior preservation)"),
+        (d.cache_latents, "data.cache_latents", "false (a stream is not pre-encoded)"),
+        (
+            d.cache_text_embeddings,
+            "data.cache_text_embeddings",
+            "false (a stream is not pre-encoded)",
+        ),
+        (d.repeats != 1, "data.repeats", "1 (an epoch is one pass over the stream)"),
+    ]
+    for bad, key, right in refused:
+        if bad:
+            raise SdtuneError(
+                f"data.dataset_streaming=true needs {key} {right}; got {_current_data(d, key)!r}"
+            )
+
+
+def _current_data(d: DataConfig, key: str) -> Any:
+    return getattr(d, key.split(".")[1])
+
+
+def _validate_source(source: SourceConfig, where: str) -> None:
+    """The data.* range rules, for the keys a source sets itself (the rest were checked above)."""
+    if bool(source.dir) == bool(source.dataset):
+        raise SdtuneError(
+            f"{where} needs exactly one of dir or dataset; "
+            f"got dir={source.dir!r}, dataset={source.dataset!r}"
+        )
+    checks = [
+        ("repeats", lambda v: v >= 1, "must be at least 1"),
+        ("keep_tags", lambda v: v >= 0, "must be 0 or more"),
+        ("tag_separator", lambda v: v != "", "must not be empty"),
+        ("image_column", lambda v: v != "", "must name a column"),
+        ("caption_column", lambda v: v != "", "must name a column"),
+        ("tag_dropout", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+        ("caption_dropout", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    ]
+    for name, ok, rule in checks:
+        value = getattr(source, name)
+        if value is not None and not ok(value):
+            raise SdtuneError(f"{where}.{name} {rule}; got {value!r}")
+
+
+def _current(cfg: RunConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
