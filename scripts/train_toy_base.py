@@ -1,18 +1,24 @@
 """Train the toy-world base model from scratch: VAE, CLIP text encoder and U-Net.
 
-    .venv/bin/python scripts/train_toy_base.py --out sdtune/toy/base
+    .venv/bin/python scripts/train_toy_base.py --phases vae,decoder,classifier --threads 1
+    .venv/bin/python scripts/train_toy_base.py --phases base --threads 2 --out sdtune/toy/base
 
 The result is a real diffusers Stable Diffusion 1 folder (fp16 safetensors, the real CLIP
-tokenizer, the SD 1 PNDM scheduler) that `StableDiffusionPipeline.from_pretrained` loads. It is
-trained only on circles, squares and triangles; stars are held out for a LoRA to teach.
+tokenizer, a DDIM scheduler on the SD 1 noise schedule) that `StableDiffusionPipeline.from_pretrained`
+loads. It is trained only on circles, squares and triangles; stars are held out for a LoRA to
+teach. DDIM, not SD 1's PNDM, because this small model's PNDM samples at guidance 7.5 fall apart
+(measured in the model card).
 
-Phases, all seeded (same flags and thread count -> same weights):
-1. the shape/colour classifier (`sdtune.toy.measure`), saved next to the toy package;
-2. the VAE (3 downsamplings like real SD: 64 px -> 8x8x4 latents) on reconstruction plus a
+Phases, all seeded (same flags and thread count -> same weights), run in this order:
+1. vae: the VAE (3 downsamplings like real SD: 64 px -> 8x8x4 latents) on reconstruction plus a
    small KL term; its scaling factor is set from the measured latent std, as SD's was;
-3. the text encoder and U-Net together, eps-prediction on the SD 1 noise schedule, with 10% empty
-   captions so classifier-free guidance works, and an EMA of both (the EMA is what ships).
-A checkpoint folder is written every `--every-n-steps`, each one a usable base.
+2. decoder: its decoder trained longer on the frozen encoder's latents (as SD's ft-MSE decoder);
+3. classifier: the shape/colour judge (`sdtune.toy.measure`), on renders and their round trips
+   through that VAE, saved next to the toy package;
+4. base: the text encoder and U-Net together from scratch, eps-prediction on the SD 1 noise
+   schedule with min-SNR weighting, 10% empty captions so classifier-free guidance works, and
+   an EMA of both (the EMA is what ships). A checkpoint folder is written every
+   `--every-n-steps`, each one a usable base.
 """
 
 from __future__ import annotations
@@ -30,39 +36,51 @@ import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     DDPMScheduler,
-    PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sdtune.data.synthetic import Pose
 from sdtune.models.tokenizer import CONFIGS_DIR, load_tokenizer, write_tokenizer_folder
 from sdtune.toy.measure import (
     CLASSIFIER_PATH,
+    JUDGE_POSE,
     classifier_accuracy,
     save_classifier,
     to_tensor,
     train_classifier,
 )
-from sdtune.toy.world import HELD_IN_SHAPES, HELD_OUT_SHAPE, render_scenes, sample_scenes
+from sdtune.toy.world import (
+    HELD_IN_SHAPES,
+    HELD_OUT_SHAPE,
+    TOY_POSE,
+    render_scenes,
+    sample_scenes,
+)
 
+# The VAE learns every pose (anywhere, any turn), as the classifier does; the diffusion model
+# learns the toy world's narrower poses (`sdtune.toy.world.TOY_POSE`).
+VAE_POSE = JUDGE_POSE
 # The real SD 1 scheduler config (PNDM, scaled-linear betas 0.00085..0.012, eps prediction).
 SCHEDULER_CONFIG = json.loads(
     (CONFIGS_DIR / "sd1" / "scheduler" / "scheduler_config.json").read_text()
 )
 
 
-def build_vae() -> AutoencoderKL:
-    """SD's VAE layout (4 blocks, 3 downsamplings) at tiny widths. Few norm groups: with one or
-    two channels per group, group norm erases the flat colours these scenes are made of."""
+def build_vae(channels: list[int]) -> AutoencoderKL:
+    """SD's VAE layout at tiny widths; one downsampling per block after the first. Few norm
+    groups: with one or two channels per group, group norm erases the flat colours these scenes
+    are made of."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[16, 32, 64, 64],
+        down_block_types=["DownEncoderBlock2D"] * len(channels),
+        up_block_types=["UpDecoderBlock2D"] * len(channels),
+        block_out_channels=channels,
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=4,
@@ -87,10 +105,10 @@ def build_text_encoder(width: int) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_unet(width: int, channels: list[int]) -> UNet2DConditionModel:
+def build_unet(width: int, channels: list[int], latent_size: int) -> UNet2DConditionModel:
     blocks = len(channels)
     return UNet2DConditionModel(
-        sample_size=8,
+        sample_size=latent_size,
         in_channels=4,
         out_channels=4,
         down_block_types=["CrossAttnDownBlock2D"] * (blocks - 1) + ["DownBlock2D"],
@@ -103,16 +121,18 @@ def build_unet(width: int, channels: list[int]) -> UNet2DConditionModel:
     )
 
 
-def render_set(count: int, rng: random.Random) -> tuple[torch.Tensor, list[str]]:
+def render_set(
+    count: int, rng: random.Random, pose: Pose = TOY_POSE
+) -> tuple[torch.Tensor, list[str]]:
     scenes = sample_scenes(count, HELD_IN_SHAPES, rng)
-    return to_tensor(render_scenes(scenes, rng)), [s.caption() for s in scenes]
+    return to_tensor(render_scenes(scenes, rng, pose=pose)), [s.caption() for s in scenes]
 
 
 def train_vae(args: argparse.Namespace, log) -> AutoencoderKL:
     rng = random.Random(args.seed + 1)
-    images, _ = render_set(args.vae_images, rng)
+    images, _ = render_set(args.vae_images, rng, VAE_POSE)
     torch.manual_seed(args.seed + 1)  # each phase seeds itself: phases can run separately
-    vae = build_vae()
+    vae = build_vae(args.vae_channels)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=1e-3, total_steps=args.vae_steps, pct_start=0.1
@@ -141,7 +161,7 @@ def train_vae(args: argparse.Namespace, log) -> AutoencoderKL:
 @torch.no_grad()
 def set_scaling_factor(vae: AutoencoderKL, seed: int, log) -> float:
     """1 / std of sampled latents, so the diffusion model sees unit-variance inputs (as in SD)."""
-    images, _ = render_set(512, random.Random(seed + 2))
+    images, _ = render_set(512, random.Random(seed + 2), VAE_POSE)
     latents = torch.cat(
         [vae.encode(images[i : i + 128]).latent_dist.sample() for i in range(0, 512, 128)]
     )
@@ -149,7 +169,9 @@ def set_scaling_factor(vae: AutoencoderKL, seed: int, log) -> float:
     vae.register_to_config(scaling_factor=round(factor, 5))
     stars = to_tensor(
         render_scenes(
-            sample_scenes(128, (HELD_OUT_SHAPE,), random.Random(seed)), random.Random(seed)
+            sample_scenes(128, (HELD_OUT_SHAPE,), random.Random(seed)),
+            random.Random(seed),
+            pose=VAE_POSE,
         )
     )
     held_in_err = F.mse_loss(
@@ -192,7 +214,7 @@ def save_base(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
         text_encoder=copy.deepcopy(text_encoder).half(),
         tokenizer=tokenizer,
         unet=copy.deepcopy(unet).half(),
-        scheduler=PNDMScheduler.from_config(SCHEDULER_CONFIG),
+        scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -211,7 +233,7 @@ def save_base(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
 
 
 def lr_factor(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up over 200 steps, then constant, or a cosine decay to 0 with --cosine."""
+    """Linear warm-up over 200 steps, then a cosine decay to 0 (or constant, --constant-lr)."""
     if step < 200:
         return (step + 1) / 200
     if not args.cosine:
@@ -245,7 +267,7 @@ def train_diffusion(args, vae, tokenizer, log) -> None:
 
     torch.manual_seed(args.seed)
     text_encoder = build_text_encoder(args.text_width)
-    unet = build_unet(args.text_width, args.unet_channels)
+    unet = build_unet(args.text_width, args.unet_channels, means.shape[-1])
     log(
         f"parameters: unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M, vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M"
     )
@@ -254,6 +276,10 @@ def train_diffusion(args, vae, tokenizer, log) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=True)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args))
     noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    # Min-SNR-gamma weighting (Hang et al. 2023): the nearly clean timesteps, whose noise is easy
+    # to see, stop dominating the loss; eps-prediction weight min(snr, gamma) / snr.
+    snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
+    snr_weights = (snr.clamp(max=args.min_snr_gamma) / snr) if args.min_snr_gamma else snr * 0 + 1
     gen = torch.Generator().manual_seed(args.seed + 4)
     start, losses = time.time(), []
     for step in range(1, args.steps + 1):
@@ -266,7 +292,8 @@ def train_diffusion(args, vae, tokenizer, log) -> None:
         t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
         context = text_encoder(ids)[0]
-        loss = F.mse_loss(unet(noisy, t, context).sample, noise)
+        per_sample = F.mse_loss(unet(noisy, t, context).sample, noise, reduction="none")
+        loss = (per_sample.mean(dim=(1, 2, 3)) * snr_weights[t]).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -284,19 +311,32 @@ def train_diffusion(args, vae, tokenizer, log) -> None:
             log(f"saved {folder}")
 
 
-def finetune_decoder(args: argparse.Namespace, log) -> None:
+def save_vae(vae: AutoencoderKL, folder: Path) -> None:
+    """fp16 on disk, as it ships; the next phase loads it back as fp32."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    copy.deepcopy(vae).half().save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def load_vae(folder: Path) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+
+def finetune_decoder(args: argparse.Namespace, log) -> AutoencoderKL:
     """Train the VAE decoder longer on the frozen encoder's latents, as SD's ft-MSE decoder was.
 
     The latents do not change, so a U-Net trained on them stays valid; only the pictures
     decoded from them get sharper and truer in colour.
     """
-    source = args.decoder_from
-    vae = AutoencoderKL.from_pretrained(source / "vae", torch_dtype=torch.float32)
+    vae = load_vae(args.work / "vae-raw")
     vae.requires_grad_(False)
     trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in trainable:
         p.requires_grad_(True)
-    images, _ = render_set(args.vae_images, random.Random(args.seed + 6))
+    images, _ = render_set(args.vae_images, random.Random(args.seed + 6), VAE_POSE)
+    torch.manual_seed(args.seed + 6)
     opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=1e-3, total_steps=args.decoder_steps, pct_start=0.1
@@ -320,13 +360,7 @@ def finetune_decoder(args: argparse.Namespace, log) -> None:
     vae.eval()
     previews, _ = render_set(8, random.Random(args.seed + 5))
     save_reconstructions(vae, previews, args.work / "decoder-reconstructions.png")
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    vae.half().save_pretrained(tmp / "vae", safe_serialization=True)
-    shutil.rmtree(args.out, ignore_errors=True)
-    tmp.rename(args.out)
-    log(f"wrote {args.out} (U-Net and text encoder from {source}, decoder fine-tuned)")
+    return vae
 
 
 def main() -> None:
@@ -345,30 +379,50 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--classifier-steps", type=int, default=600)
+    parser.add_argument(
+        "--vae-channels",
+        type=int,
+        nargs="+",
+        default=[16, 32, 64, 64],
+        help="VAE block widths; one downsampling per block after the first (4 blocks: 8x8 latents)",
+    )
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--vae-batch-size", type=int, default=16)
     parser.add_argument("--vae-images", type=int, default=8000)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
     parser.add_argument("--images", type=int, default=12000, help="rendered scenes for the U-Net")
-    parser.add_argument("--steps", type=int, default=6000, help="U-Net + text encoder steps")
+    parser.add_argument("--steps", type=int, default=3000, help="U-Net + text encoder steps")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--min-snr-gamma", type=float, default=5.0, help="loss weighting; 0 = plain MSE"
+    )
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--empty-caption-rate", type=float, default=0.1)
     parser.add_argument("--text-width", type=int, default=64)
-    parser.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 64])
+    parser.add_argument("--unet-channels", type=int, nargs="+", default=[64, 128, 128])
     parser.add_argument("--every-n-steps", type=int, default=500)
     parser.add_argument(
         "--phases",
-        default="classifier,base",
-        help="comma-separated: classifier, base, decoder (decoder: fine-tune the VAE decoder of "
-        "--decoder-from and write the result to --out)",
+        default="vae,decoder,classifier,base",
+        help="comma-separated, run in this order: vae (WORK/vae-raw), decoder (fine-tune its "
+        "decoder: WORK/vae), classifier (sdtune/toy/classifier.safetensors), base (text encoder "
+        "and U-Net on the VAE's latents; checkpoints in WORK, the last one copied to --out)",
     )
     parser.add_argument(
-        "--classifier-vae", type=Path, default=None, help="VAE folder for soft training images"
+        "--no-classifier-round-trips",
+        dest="classifier_round_trips",
+        action="store_false",
+        help="train the classifier on renders only (default: also on their VAE round trips)",
     )
-    parser.add_argument("--vae-from", type=Path, default=None, help="a trained VAE folder")
-    parser.add_argument("--cosine", action="store_true", help="cosine LR decay to 0 over --steps")
-    parser.add_argument("--decoder-from", type=Path, default=None, help="a base checkpoint folder")
+    parser.add_argument(
+        "--vae-from", type=Path, default=None, help="the VAE folder to use (default: WORK/vae)"
+    )
+    parser.add_argument(
+        "--constant-lr",
+        dest="cosine",
+        action="store_false",
+        help="keep the learning rate after warm-up (default: cosine decay to 0 over --steps)",
+    )
     parser.add_argument("--decoder-steps", type=int, default=1000)
     args = parser.parse_args()
 
@@ -384,28 +438,29 @@ def main() -> None:
 
     log(f"arguments: {json.dumps({k: str(v) for k, v in vars(args).items()})}")
     phases = set(args.phases.split(","))
-    if "classifier" in phases:
-        vae = None
-        if args.classifier_vae is not None:
-            vae = AutoencoderKL.from_pretrained(args.classifier_vae, torch_dtype=torch.float32)
-        net = train_classifier(steps=args.classifier_steps, seed=args.seed, vae=vae)
-        save_classifier(net, CLASSIFIER_PATH)
-        log(f"classifier accuracy on fresh renders: {classifier_accuracy(net)}")
-        if vae is not None:
-            log(f"... on their VAE round trips: {classifier_accuracy(net, vae=vae)}")
-    if "decoder" in phases:
-        finetune_decoder(args, log)
-    if "base" not in phases:
-        return
-    tokenizer = load_tokenizer(1)
-    if args.vae_from is not None:  # reuse a trained VAE (its encoder fixes the latent space)
-        vae = AutoencoderKL.from_pretrained(args.vae_from, torch_dtype=torch.float32).eval()
-    else:
+    if "vae" in phases:
         vae = train_vae(args, log)
         set_scaling_factor(vae, args.seed, log)
         previews, _ = render_set(8, random.Random(args.seed + 5))
         save_reconstructions(vae, previews, args.work / "vae-reconstructions.png")
-    train_diffusion(args, vae, tokenizer, log)
+        save_vae(vae, args.work / "vae-raw")
+        log(f"saved {args.work / 'vae-raw'}")
+    if "decoder" in phases:
+        save_vae(finetune_decoder(args, log), args.work / "vae")
+        log(f"saved {args.work / 'vae'} (decoder fine-tuned; same encoder, same latents)")
+    vae_folder = args.vae_from or args.work / "vae"
+    if "classifier" in phases:
+        vae = load_vae(vae_folder) if args.classifier_round_trips else None
+        net = train_classifier(steps=args.classifier_steps, seed=args.seed, vae=vae)
+        save_classifier(net, CLASSIFIER_PATH)
+        log(f"classifier accuracy on fresh renders: {classifier_accuracy(net)}")
+        if vae is not None:
+            log(
+                f"... on their round trips through {vae_folder}: {classifier_accuracy(net, vae=vae)}"
+            )
+    if "base" not in phases:
+        return
+    train_diffusion(args, load_vae(vae_folder), load_tokenizer(1), log)
     final = args.work / f"checkpoint-{args.steps}"
     shutil.rmtree(args.out, ignore_errors=True)
     shutil.copytree(final, args.out)

@@ -19,7 +19,7 @@ from sdtune.config import load_config
 from sdtune.data.synthetic import write_shape_dataset
 from sdtune.errors import SdtuneError
 from sdtune.toy import TOY_BASE_DIR
-from sdtune.toy.world import HELD_OUT_SHAPE, Scene
+from sdtune.toy.world import HELD_IN_SHAPES, HELD_OUT_SHAPE, TOY_POSE, Scene
 
 if TYPE_CHECKING:
     from sdtune.toy.eval import ToyScores
@@ -35,8 +35,16 @@ class DemoSettings:
 
     max_steps: int = 300  # LoRA optimizer steps
     num_images: int = 16  # rendered training stars
+    # Rendered circles, squares and triangles with their plain captions, drawn as often as the
+    # stars (prior preservation, as DreamBooth does): without them the LoRA also turns the
+    # unconditional prediction towards stars, and guidance 7.5 then amplifies noise, not stars.
+    regularization_images: int = 48
+    regularization_caption_dropout: float = 0.1
     rank: int = 8
+    unet_targets: str = "attn"  # lora.unet_targets
+    train_text_encoder: bool = True
     learning_rate: float = 1e-3
+    text_encoder_learning_rate: float | None = None  # None: learning_rate
     batch_size: int = 4
     seeds_per_prompt: int = 1  # for the before/after measurement (`sdtune eval` does more)
     steps: int = 25  # denoising steps of every generated image
@@ -52,21 +60,38 @@ def free_folder(base: Path) -> Path:
     raise SdtuneError(f"no free folder name next to '{base}'")
 
 
-def demo_config(data_dir: Path, out: Path, settings: DemoSettings) -> Any:
+def demo_config(
+    data_dir: Path, out: Path, settings: DemoSettings, regularization_dir: Path | None = None
+) -> Any:
     """The training config of the demo: an ordinary sdtune run on the toy base."""
+    data: dict[str, Any] = {"data.dir": str(data_dir)}
+    if regularization_dir is not None:
+        repeats = max(1, round(settings.regularization_images / settings.num_images))
+        data = {
+            "data.sources": [
+                {"dir": str(data_dir), "repeats": repeats},
+                {
+                    "dir": str(regularization_dir),
+                    "trigger": "",
+                    "caption_dropout": settings.regularization_caption_dropout,
+                },
+            ]
+        }
     return load_config(
         None,
         {
             "model.path": str(TOY_BASE_DIR),
-            "data.dir": str(data_dir),
+            **data,
             "data.trigger": TRIGGER,
             "data.resolution": 64,
             "lora.rank": settings.rank,
             "lora.alpha": settings.rank,
-            "lora.train_text_encoder": True,
+            "lora.unet_targets": settings.unet_targets,
+            "lora.train_text_encoder": settings.train_text_encoder,
             "train.max_steps": settings.max_steps,
             "train.batch_size": settings.batch_size,
             "train.learning_rate": settings.learning_rate,
+            "train.text_encoder_learning_rate": settings.text_encoder_learning_rate,
             "train.log_every_n_steps": 5,
             "train.seed": settings.seed,
             "output.dir": str(out),
@@ -132,8 +157,18 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings | None = N
     started = time.perf_counter()
     out = free_folder(Path(out))
     data_dir = out / "images"
-    write_shape_dataset(data_dir, HELD_OUT_SHAPE, settings.num_images, 64, TRIGGER, settings.seed)
-    result = train(demo_config(data_dir, out / "lora", settings))
+    write_shape_dataset(
+        data_dir, HELD_OUT_SHAPE, settings.num_images, 64, TRIGGER, settings.seed, TOY_POSE
+    )
+    regularization_dir = None
+    if settings.regularization_images:
+        regularization_dir = out / "regularization"
+        per_shape = -(-settings.regularization_images // len(HELD_IN_SHAPES))
+        for i, shape in enumerate(HELD_IN_SHAPES):
+            write_shape_dataset(
+                regularization_dir, shape, per_shape, 64, "", settings.seed + 1 + i, TOY_POSE
+            )
+    result = train(demo_config(data_dir, out / "lora", settings, regularization_dir))
     loss_png = save_loss_curve(
         read_loss_history(result.output_dir), out / "loss.png", "LoRA training loss"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -38,19 +39,42 @@ def _polygon(shape: str, cx: float, cy: float, r: float, turn: float) -> list[tu
     return points
 
 
+@dataclass(frozen=True)
+class Pose:
+    """How much a shape may vary: radius as a fraction of the image size, centre offset
+    (`jitter`, a fraction of the size; None = anywhere the shape fits) and turn in radians
+    (`turn`, at most this far either way; None = any turn, stars 0 to 0.3)."""
+
+    radius: tuple[float, float] = (0.22, 0.3)
+    jitter: float | None = None
+    turn: float | None = None
+
+
 def render_shape(
-    shape: str, colour: str, background: str, size: int, rng: random.Random
+    shape: str,
+    colour: str,
+    background: str,
+    size: int,
+    rng: random.Random,
+    pose: Pose = Pose(),
 ) -> Image.Image:
     """One shape of `colour` on a `background`, at a random position, size and rotation."""
     img = Image.new("RGB", (size, size), BACKGROUNDS[background])
     draw = ImageDraw.Draw(img)
-    r = size * rng.uniform(0.22, 0.3)
-    cx = rng.uniform(r * 1.3, size - r * 1.3)
-    cy = rng.uniform(r * 1.3, size - r * 1.3)
+    r = size * rng.uniform(*pose.radius)
+    if pose.jitter is None:
+        low, high = r * 1.3, size - r * 1.3
+    else:
+        low, high = size / 2 - pose.jitter * size, size / 2 + pose.jitter * size
+    cx = rng.uniform(low, high)
+    cy = rng.uniform(low, high)
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[colour])
     else:
-        turn = rng.uniform(0, 2 * math.pi) if shape != "star" else rng.uniform(0, 0.3)
+        if pose.turn is not None:
+            turn = rng.uniform(-pose.turn, pose.turn)
+        else:
+            turn = rng.uniform(0, 2 * math.pi) if shape != "star" else rng.uniform(0, 0.3)
         draw.polygon(_polygon(shape, cx, cy, r, turn), fill=COLOURS[colour])
     return img
 
@@ -62,6 +86,7 @@ def write_shape_dataset(
     size: int = 64,
     trigger: str = "",
     seed: int = 0,
+    pose: Pose = Pose(),
 ) -> list[Path]:
     """Render `count` images of `shape` in mixed colours, each with a `.txt` caption sidecar."""
     folder = Path(folder)
@@ -71,7 +96,7 @@ def write_shape_dataset(
     for i in range(count):
         colour = rng.choice(sorted(COLOURS))
         background = rng.choice(sorted(BACKGROUNDS))
-        img = render_shape(shape, colour, background, size, rng)
+        img = render_shape(shape, colour, background, size, rng, pose)
         path = folder / f"{shape}_{i:03d}.png"
         img.save(path)
         subject = f"{trigger} {shape}" if trigger else shape

