@@ -10,6 +10,7 @@ from sdtune.toy.world import (
     ALL_SHAPES,
     HELD_IN_SHAPES,
     HELD_OUT_SHAPE,
+    TOY_POSE,
     Scene,
     all_scenes,
     render_scenes,
@@ -54,3 +55,21 @@ def test_classifier_tells_each_shape_apart_in_a_blurred_image():
         Image.fromarray(a).filter(ImageFilter.GaussianBlur(1)) for a in render_scenes(scenes, rng)
     ]
     assert [shape for shape, _ in classify(load_classifier(), images)] == list(ALL_SHAPES)
+
+
+def test_toy_pose_keeps_shapes_near_the_centre_and_the_judge_pose_does_not():
+    from sdtune.data.synthetic import BACKGROUNDS
+    from sdtune.toy.measure import JUDGE_POSE
+
+    def centres(pose):
+        rng = random.Random(11)
+        scenes = sample_scenes(40, ALL_SHAPES, rng)
+        out = []
+        for scene, image in zip(scenes, render_scenes(scenes, rng, pose=pose), strict=True):
+            shape = np.abs(image.astype(int) - BACKGROUNDS[scene.background]).sum(-1) > 30
+            ys, xs = np.nonzero(shape)
+            out.append(max(abs(xs.mean() - 31.5), abs(ys.mean() - 31.5)))
+        return np.array(out)
+
+    assert centres(TOY_POSE).max() <= 0.1 * 64 + 1.5  # jitter, plus the polygons' own offset
+    assert centres(JUDGE_POSE).max() > 10
