@@ -1,8 +1,8 @@
 """A shortened demo on the shipped toy base: the LoRA must teach the held-out star.
 
 This is the check that fine-tuning *learns*: the base draws no stars for the trigger prompts,
-and the adapter must make it draw them in at least 20% more of them (it measured 27-60% more
-with these and the default settings) without losing the held-in shapes.
+and the adapter must make it draw them in at least 20% more of them without losing the held-in
+shapes (measured with these settings: 0% -> 43% stars, held-in shape 83% -> 81%).
 """
 
 import pytest
