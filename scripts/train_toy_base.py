@@ -128,15 +128,30 @@ def render_set(
     return to_tensor(render_scenes(scenes, rng, pose=pose)), [s.caption() for s in scenes]
 
 
+def one_cycle_adamw(params, total_steps: int):
+    """AdamW with a one-cycle schedule to 1e-3: how the VAE and its decoder are trained."""
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=1e-3, total_steps=total_steps, pct_start=0.1
+    )
+    return opt, sched
+
+
+def optimizer_step(loss: torch.Tensor, params, opt, sched) -> None:
+    """Backward, clip the gradient norm to 1, step the optimizer and its schedule."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def train_vae(args: argparse.Namespace, log) -> AutoencoderKL:
     rng = random.Random(args.seed + 1)
     images, _ = render_set(args.vae_images, rng, VAE_POSE)
     torch.manual_seed(args.seed + 1)  # each phase seeds itself: phases can run separately
     vae = build_vae(args.vae_channels)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=1e-3, total_steps=args.vae_steps, pct_start=0.1
-    )
+    opt, sched = one_cycle_adamw(vae.parameters(), args.vae_steps)
     gen = torch.Generator().manual_seed(args.seed + 1)
     start = time.time()
     for step in range(1, args.vae_steps + 1):
@@ -146,11 +161,7 @@ def train_vae(args: argparse.Namespace, log) -> AutoencoderKL:
         recon = vae.decode(z).sample
         kl = posterior.kl().mean() / z[0].numel()
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + args.kl_weight * kl
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, vae.parameters(), opt, sched)
         if step % 25 == 0 or step == args.vae_steps:
             log(
                 f"vae step {step} loss {loss.item():.4f} kl {kl.item():.3f} {time.time() - start:.0f}s"
@@ -294,11 +305,7 @@ def train_diffusion(args, vae, tokenizer, log) -> None:
         context = text_encoder(ids)[0]
         per_sample = F.mse_loss(unet(noisy, t, context).sample, noise, reduction="none")
         loss = (per_sample.mean(dim=(1, 2, 3)) * snr_weights[t]).mean()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        warmup.step()
+        optimizer_step(loss, params, opt, warmup)
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         update_ema(ema_unet, unet, decay)
         update_ema(ema_text, text_encoder, decay)
@@ -336,11 +343,7 @@ def finetune_decoder(args: argparse.Namespace, log) -> AutoencoderKL:
     for p in trainable:
         p.requires_grad_(True)
     images, _ = render_set(args.vae_images, random.Random(args.seed + 6), VAE_POSE)
-    torch.manual_seed(args.seed + 6)
-    opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0, fused=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=1e-3, total_steps=args.decoder_steps, pct_start=0.1
-    )
+    opt, sched = one_cycle_adamw(trainable, args.decoder_steps)
     gen = torch.Generator().manual_seed(args.seed + 6)
     start = time.time()
     for step in range(1, args.decoder_steps + 1):
@@ -350,11 +353,7 @@ def finetune_decoder(args: argparse.Namespace, log) -> AutoencoderKL:
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
         recon = vae.decode(z).sample
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, trainable, opt, sched)
         if step % 25 == 0 or step == args.decoder_steps:
             log(f"decoder step {step} loss {loss.item():.4f} {time.time() - start:.0f}s")
     vae.eval()
