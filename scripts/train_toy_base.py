@@ -5,8 +5,8 @@
 
 The result is a real diffusers Stable Diffusion 1 folder (fp16 safetensors, the real CLIP
 tokenizer, a DDIM scheduler on the SD 1 noise schedule) that `StableDiffusionPipeline.from_pretrained`
-loads. It is trained only on circles, squares and triangles; stars are held out for a LoRA to
-teach. DDIM, not SD 1's PNDM, because this small model's PNDM samples at guidance 7.5 fall apart
+loads. It is trained only on circles, squares and triangles; rings and stars are held out for a
+LoRA to teach. DDIM, not SD 1's PNDM, because this small model's PNDM samples at guidance 7.5 fall apart
 (measured in the model card).
 
 Phases, all seeded (same flags and thread count -> same weights), run in this order:
@@ -178,7 +178,7 @@ def set_scaling_factor(vae: AutoencoderKL, seed: int, log) -> float:
     )
     factor = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=round(factor, 5))
-    stars = to_tensor(
+    held_out = to_tensor(
         render_scenes(
             sample_scenes(128, (HELD_OUT_SHAPE,), random.Random(seed)),
             random.Random(seed),
@@ -188,9 +188,10 @@ def set_scaling_factor(vae: AutoencoderKL, seed: int, log) -> float:
     held_in_err = F.mse_loss(
         vae.decode(vae.encode(images[:128]).latent_dist.mean).sample, images[:128]
     )
-    star_err = F.mse_loss(vae.decode(vae.encode(stars).latent_dist.mean).sample, stars)
+    held_out_err = F.mse_loss(vae.decode(vae.encode(held_out).latent_dist.mean).sample, held_out)
     log(
-        f"vae scaling factor {factor:.5f}; reconstruction mse held-in {held_in_err:.4f}, stars {star_err:.4f}"
+        f"vae scaling factor {factor:.5f}; reconstruction mse held-in {held_in_err:.4f},"
+        f" {HELD_OUT_SHAPE}s {held_out_err:.4f}"
     )
     return factor
 

@@ -2,10 +2,11 @@
 
 The base is the toy Stable Diffusion shipped in `sdtune/toy/base`: trained by sdtune on
 rendered scenes, it draws circles, squares and triangles in five colours, but has never seen a
-star. The demo renders a small custom image set of stars captioned with the trigger word `sks`
-and a regularization set of the shapes the base knows, trains a LoRA (U-Net and text encoder) on
-both, fuses the adapter, and measures with the toy classifier whether the trigger now draws stars
-(concept rate) and whether circles, squares and triangles still come out as asked (retention).
+ring (a disc with a hole). The demo renders a small custom image set of rings captioned with the
+trigger word `sks` and a regularization set of the shapes the base knows, trains a LoRA (U-Net
+and text encoder) on both, fuses the adapter, and measures with the toy classifier whether the
+trigger now draws rings (concept rate) and whether circles, squares and triangles still come out
+as asked (retention).
 """
 
 from __future__ import annotations
@@ -33,18 +34,19 @@ SHOWCASE = [("red", "white"), ("blue", "grey"), ("yellow", "black"), ("green", "
 class DemoSettings:
     """What the demo trains and measures; the defaults are the README's `make demo`."""
 
-    max_steps: int = 1000  # LoRA optimizer steps
-    num_images: int = 48  # rendered training stars
+    max_steps: int = 1500  # LoRA optimizer steps
+    num_images: int = 96  # rendered training rings
     # Rendered circles, squares and triangles with their plain captions, drawn as often as the
-    # stars (prior preservation, as DreamBooth does): without them the LoRA also turns the
-    # unconditional prediction towards stars, and guidance 7.5 then amplifies noise, not stars.
-    regularization_images: int = 48
+    # rings (prior preservation, as DreamBooth does): without them the LoRA also moves the
+    # unconditional prediction and the held-in shapes, and guidance 7.5 amplifies that drift.
+    regularization_images: int = 96
     regularization_caption_dropout: float = 0.1
-    caption_dropout: float = 0.0  # of the stars' captions
+    caption_dropout: float = 0.0  # of the rings' captions
     rank: int = 16
-    # Convolutions too (LoCon): a new outline is drawn by the U-Net's resnets, not only by
-    # attention; with attention alone the concept rate was lower (47% against 60%).
-    unet_targets: str = "locon"  # lora.unet_targets
+    # The transformer blocks (attention, feed-forward, proj_in/out), not the convolutions: a
+    # LoCon adapter (convolutions too) drew rings in 100% of trigger prompts but also turned 40%
+    # of the squares into rings, since a convolution acts on every prompt alike.
+    unet_targets: str = "attn-ff"  # lora.unet_targets
     train_text_encoder: bool = True
     learning_rate: float = 2e-3
     text_encoder_learning_rate: float | None = None  # None: learning_rate
@@ -121,7 +123,7 @@ def _save_showcase(pipe: Any, folder: Path, settings: DemoSettings) -> list[Any]
     folder.mkdir(parents=True)
     images = [Image.fromarray(a) for a in arrays]
     for scene, image in zip(scenes, images, strict=True):
-        image.save(folder / f"{scene.colour}-{TRIGGER}-star-on-{scene.background}.png")
+        image.save(folder / f"{scene.colour}-{TRIGGER}-{HELD_OUT_SHAPE}-on-{scene.background}.png")
     return images
 
 
@@ -145,7 +147,7 @@ class DemoResult:
         return "\n".join(
             [
                 f"demo folder:     {self.out}",
-                f"training images: {self.out / 'images'} (stars, trigger '{TRIGGER}')",
+                f"training images: {self.out / 'images'} ({HELD_OUT_SHAPE}s, trigger '{TRIGGER}')",
                 f"adapter:         {self.adapter_path} ({self.steps} steps, last loss {self.last_loss:.4f})",
                 f"before/after:    {self.grid_path}",
                 f"loss curve:      {self.loss_curve_path}",

@@ -1,4 +1,4 @@
-"""`sdtune demo [--out DIR]`: teach the shipped toy model a held-out concept with a LoRA."""
+"""`sdtune demo [--out DIR] [--seed N]`: teach the shipped toy model a held-out concept with a LoRA."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--images", type=int, default=_DEFAULTS.num_images, help="rendered training images"
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        default=_DEFAULTS.seed,
+        help="seed of the rendered image sets, the training run and the samples",
+    )
+    parser.add_argument(
         "--seeds-per-prompt",
         type=int,
         default=_DEFAULTS.seeds_per_prompt,
@@ -35,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
             raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1")
     quiet_progress_bars()
     settings = DemoSettings(
-        max_steps=args.steps, num_images=args.images, seeds_per_prompt=args.seeds_per_prompt
+        max_steps=args.steps,
+        num_images=args.images,
+        seeds_per_prompt=args.seeds_per_prompt,
+        seed=args.seed,
     )
     print(run_demo(args.out, settings).summary())
     return 0

@@ -21,7 +21,7 @@ COLOURS = {
     "purple": (140, 60, 190),
 }
 BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "grey": (128, 128, 128)}
-SHAPES = ("circle", "square", "triangle", "star")
+SHAPES = ("circle", "square", "triangle", "star", "ring")
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, turn: float) -> list[tuple[float, float]]:
@@ -70,6 +70,10 @@ def render_shape(
     cy = rng.uniform(low, high)
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[colour])
+    elif shape == "ring":  # a disc with a hole of half its radius
+        outer, inner = r * 1.1, r * 0.55
+        draw.ellipse((cx - outer, cy - outer, cx + outer, cy + outer), fill=COLOURS[colour])
+        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=BACKGROUNDS[background])
     else:
         if pose.turn is not None:
             turn = rng.uniform(-pose.turn, pose.turn)

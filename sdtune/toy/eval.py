@@ -2,11 +2,11 @@
 
 Two numbers, each over many seeds, measured by the toy classifier on generated images:
 
-- concept rate: the share of trigger-word prompts ("a red sks star on a white background")
-  whose image shows the held-out shape. The base has never seen a star, so it is near 0.
+- concept rate: the share of trigger-word prompts ("a red sks ring on a white background")
+  whose image shows the held-out shape. The base has never seen a ring, so it is near 0.
 - retention: the share of held-in prompts ("a blue square on a grey background") whose image
-  shows the asked shape, and the asked colour. A LoRA that teaches stars by turning every
-  shape into a star loses these.
+  shows the asked shape, and the asked colour. A LoRA that teaches rings by turning every
+  shape into a ring loses these.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def score_toy_model(
 ) -> ToyScores:
     """Concept rate (if `trigger`) and held-in shape/colour rates of a loaded toy pipeline.
 
-    Held-in prompts: all 45 (shape, colour, background) captions; concept prompts: the 15 star
+    Held-in prompts: all 45 (shape, colour, background) captions; concept prompts: the 15 ring
     captions with the trigger word before the shape. Each gets `seeds_per_prompt` seeds.
     """
     from sdtune.toy.measure import classify, load_classifier
@@ -91,12 +91,12 @@ def score_toy_model(
     concept = concept_colour = None
     concept_count = 0
     if trigger:
-        stars, prompts, seeds = prompt_grid(
+        concepts, prompts, seeds = prompt_grid(
             all_scenes((HELD_OUT_SHAPE,)), seeds_per_prompt, trigger, seed=seed + 500
         )
         found = classify(net, draw(pipe, prompts, seeds, steps, guidance_scale))
         concept = sum(f[0] == HELD_OUT_SHAPE for f in found) / len(found)
-        concept_colour = sum(f[1] == s.colour for f, s in zip(found, stars, strict=True)) / len(
+        concept_colour = sum(f[1] == s.colour for f, s in zip(found, concepts, strict=True)) / len(
             found
         )
         concept_count = len(found)

@@ -1,8 +1,10 @@
-"""A shortened demo on the shipped toy base: the LoRA must teach the held-out star.
+"""A shortened demo on the shipped toy base: the LoRA must teach the held-out ring.
 
-This is the check that fine-tuning *learns*: the base draws no stars for the trigger prompts,
-and the adapter must make it draw them in at least 20% more of them without losing the held-in
-shapes (measured with these settings: 0% -> 43% stars, held-in shape 83% -> 81%).
+This is the check that fine-tuning *learns*: the base draws no rings for the trigger prompts,
+and the adapter must make it draw them in at least 30% more of them without losing the held-in
+shapes (measured with these settings: 3% -> 57% rings, held-in shape 92% -> 94%; the full demo
+trains 1500 steps instead of 500). Breaks it was seen to catch: training latents without the
+VAE's scaling factor, the adapter not fused at inference, the text encoder's part not saved.
 """
 
 import pytest
@@ -11,7 +13,7 @@ from safetensors import safe_open
 
 from sdtune.demo import DemoSettings, run_demo
 
-SHORT = DemoSettings(max_steps=500, seeds_per_prompt=2, steps=10)
+SHORT = DemoSettings(max_steps=500, seeds_per_prompt=2)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,8 @@ def test_short_demo_writes_adapter_grid_curve_and_samples(demo):
     assert "concept" in demo.summary()
 
 
-def test_short_demo_teaches_the_star_and_keeps_the_held_in_shapes(demo):
+def test_short_demo_teaches_the_ring_and_keeps_the_held_in_shapes(demo):
     summary = demo.summary()
     assert demo.before.concept_rate <= 0.1, summary
-    assert demo.after.concept_rate >= demo.before.concept_rate + 0.2, summary
-    assert demo.after.shape_rate >= demo.before.shape_rate - 0.15, summary
+    assert demo.after.concept_rate >= demo.before.concept_rate + 0.3, summary
+    assert demo.after.shape_rate >= demo.before.shape_rate - 0.1, summary

@@ -73,3 +73,16 @@ def test_toy_pose_keeps_shapes_near_the_centre_and_the_judge_pose_does_not():
 
     assert centres(TOY_POSE).max() <= 0.1 * 64 + 1.5  # jitter, plus the polygons' own offset
     assert centres(JUDGE_POSE).max() > 10
+
+
+def test_a_ring_is_a_disc_with_a_hole_in_the_background_colour():
+    from sdtune.data.synthetic import BACKGROUNDS, COLOURS, Pose, render_shape
+
+    image = np.asarray(render_shape("ring", "red", "black", 64, random.Random(0), Pose(jitter=0)))
+    centre = 32
+    assert tuple(image[centre, centre]) == BACKGROUNDS["black"]  # the hole
+    radius = next(
+        r for r in range(centre) if tuple(image[centre, centre + r]) != BACKGROUNDS["black"]
+    )
+    assert tuple(image[centre, centre + radius + 2]) == COLOURS["red"]  # the band around it
+    assert tuple(image[centre, 0]) == BACKGROUNDS["black"]  # and background outside
