@@ -34,6 +34,7 @@ SHOWCASE = [("red", "white"), ("blue", "grey"), ("yellow", "black"), ("green", "
 class DemoSettings:
     """What the demo trains and measures; the defaults are the README's `make demo`."""
 
+    concept: str = HELD_OUT_SHAPE  # the shape taught: the ring, or the harder star
     max_steps: int = 1500  # LoRA optimizer steps
     num_images: int = 96  # rendered training rings
     # Rendered circles, squares and triangles with their plain captions, drawn as often as the
@@ -51,7 +52,7 @@ class DemoSettings:
     learning_rate: float = 2e-3
     text_encoder_learning_rate: float | None = None  # None: learning_rate
     batch_size: int = 4
-    seeds_per_prompt: int = 1  # for the before/after measurement (`sdtune eval` does more)
+    seeds_per_prompt: int = 4  # of the before/after measurement, as `sdtune eval`
     steps: int = 25  # denoising steps of every generated image
     seed: int = 0
 
@@ -117,13 +118,13 @@ def _save_showcase(pipe: Any, folder: Path, settings: DemoSettings) -> list[Any]
 
     from sdtune.toy.eval import draw
 
-    scenes = [Scene(HELD_OUT_SHAPE, c, b) for c, b in SHOWCASE]
+    scenes = [Scene(settings.concept, c, b) for c, b in SHOWCASE]
     prompts = [s.caption(TRIGGER) for s in scenes]
     arrays = draw(pipe, prompts, [settings.seed] * len(prompts), steps=settings.steps)
     folder.mkdir(parents=True)
     images = [Image.fromarray(a) for a in arrays]
     for scene, image in zip(scenes, images, strict=True):
-        image.save(folder / f"{scene.colour}-{TRIGGER}-{HELD_OUT_SHAPE}-on-{scene.background}.png")
+        image.save(folder / f"{scene.colour}-{TRIGGER}-{scene.shape}-on-{scene.background}.png")
     return images
 
 
@@ -140,20 +141,24 @@ class DemoResult:
     steps: int
     last_loss: float
     seconds: float
+    concept: str = HELD_OUT_SHAPE
 
     def summary(self) -> str:
         from sdtune.toy.eval import format_scores
 
+        eval_command = f"sdtune eval --adapter {self.adapter_path}"
+        if self.concept != HELD_OUT_SHAPE:
+            eval_command += f" --concept {self.concept}"
         return "\n".join(
             [
                 f"demo folder:     {self.out}",
-                f"training images: {self.out / 'images'} ({HELD_OUT_SHAPE}s, trigger '{TRIGGER}')",
+                f"training images: {self.out / 'images'} ({self.concept}s, trigger '{TRIGGER}')",
                 f"adapter:         {self.adapter_path} ({self.steps} steps, last loss {self.last_loss:.4f})",
                 f"before/after:    {self.grid_path}",
                 f"loss curve:      {self.loss_curve_path}",
                 format_scores("before", self.before),
                 format_scores("after", self.after),
-                f"took {self.seconds:.0f} s; more seeds: sdtune eval --adapter {self.adapter_path}",
+                f"took {self.seconds:.0f} s; measure again: {eval_command}",
             ]
         )
 
@@ -170,7 +175,7 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings | None = N
     out = free_folder(Path(out))
     data_dir = out / "images"
     write_shape_dataset(
-        data_dir, HELD_OUT_SHAPE, settings.num_images, 64, TRIGGER, settings.seed, TOY_POSE
+        data_dir, settings.concept, settings.num_images, 64, TRIGGER, settings.seed, TOY_POSE
     )
     regularization_dir = None
     if settings.regularization_images:
@@ -187,10 +192,16 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings | None = N
 
     base = load_base(str(TOY_BASE_DIR))
     before_images = _save_showcase(base, out / "samples-before", settings)
-    before = score_toy_model(base, TRIGGER, settings.seeds_per_prompt, settings.steps)
+    measure = dict(
+        trigger=TRIGGER,
+        seeds_per_prompt=settings.seeds_per_prompt,
+        steps=settings.steps,
+        concept=settings.concept,
+    )
+    before = score_toy_model(base, **measure)
     tuned = load_base(str(TOY_BASE_DIR), adapters=[(str(result.adapter_path), 1.0)], fuse=True)
     after_images = _save_showcase(tuned, out / "samples-after", settings)
-    after = score_toy_model(tuned, TRIGGER, settings.seeds_per_prompt, settings.steps)
+    after = score_toy_model(tuned, **measure)
     grid = save_before_after_grid(before_images, after_images, out / "before-after.png")
     return DemoResult(
         out=out,
@@ -202,4 +213,5 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings | None = N
         steps=result.steps,
         last_loss=result.last_loss,
         seconds=time.perf_counter() - started,
+        concept=settings.concept,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sdtune.demo import DemoSettings
+from sdtune.toy.world import UNSEEN_SHAPES
 
 _DEFAULTS = DemoSettings()
 
@@ -12,6 +13,12 @@ _DEFAULTS = DemoSettings()
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default="outputs/demo", help="folder for everything the demo makes"
+    )
+    parser.add_argument(
+        "--concept",
+        choices=UNSEEN_SHAPES,
+        default=_DEFAULTS.concept,
+        help="the held-out shape to teach (the star is the harder one)",
     )
     parser.add_argument("--steps", type=int, default=_DEFAULTS.max_steps, help="training steps")
     parser.add_argument(
@@ -45,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         num_images=args.images,
         seeds_per_prompt=args.seeds_per_prompt,
         seed=args.seed,
+        concept=args.concept,
     )
     print(run_demo(args.out, settings).summary())
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sdtune.toy.world import HELD_OUT_SHAPE, UNSEEN_SHAPES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -11,6 +13,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--adapter", default=None, help="LoRA to measure, fused into the model")
     parser.add_argument("--trigger", default="sks", help="trigger word of the taught concept")
+    parser.add_argument(
+        "--concept",
+        choices=UNSEEN_SHAPES,
+        default=HELD_OUT_SHAPE,
+        help="the held-out shape the adapter teaches",
+    )
     parser.add_argument("--seeds-per-prompt", type=int, default=4, help="seeds per prompt")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
@@ -38,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         seeds_per_prompt=args.seeds_per_prompt,
         steps=args.steps,
         guidance_scale=args.guidance,
+        concept=args.concept,
     )
     results = {"base": score_toy_model(load_base(model), **options)}
     print(format_scores("base", results["base"]))

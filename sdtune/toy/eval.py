@@ -14,7 +14,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sdtune.toy.world import HELD_IN_SHAPES, HELD_OUT_SHAPE, Scene, all_scenes
+from sdtune.errors import SdtuneError
+from sdtune.toy.world import (
+    HELD_IN_SHAPES,
+    HELD_OUT_SHAPE,
+    UNSEEN_SHAPES,
+    Scene,
+    all_scenes,
+)
 
 EVAL_STEPS = 25
 EVAL_GUIDANCE = 7.5
@@ -74,12 +81,18 @@ def score_toy_model(
     steps: int = EVAL_STEPS,
     guidance_scale: float = EVAL_GUIDANCE,
     seed: int = 0,
+    concept: str = HELD_OUT_SHAPE,
 ) -> ToyScores:
     """Concept rate (if `trigger`) and held-in shape/colour rates of a loaded toy pipeline.
 
-    Held-in prompts: all 45 (shape, colour, background) captions; concept prompts: the 15 ring
-    captions with the trigger word before the shape. Each gets `seeds_per_prompt` seeds.
+    Held-in prompts: all 45 (shape, colour, background) captions; concept prompts: the 15
+    `concept` captions (the ring, or the star) with the trigger word before the shape. Each gets
+    `seeds_per_prompt` seeds.
     """
+    if concept not in UNSEEN_SHAPES:
+        raise SdtuneError(
+            f"concept '{concept}' is not a held-out shape of the toy world: {list(UNSEEN_SHAPES)}"
+        )
     from sdtune.toy.measure import classify, load_classifier
 
     net = load_classifier()
@@ -88,19 +101,21 @@ def score_toy_model(
     found = classify(net, draw(pipe, prompts, seeds, steps, guidance_scale))
     shape_rate = sum(f[0] == s.shape for f, s in zip(found, scenes, strict=True)) / len(scenes)
     colour_rate = sum(f[1] == s.colour for f, s in zip(found, scenes, strict=True)) / len(scenes)
-    concept = concept_colour = None
+    concept_rate = concept_colour = None
     concept_count = 0
     if trigger:
         concepts, prompts, seeds = prompt_grid(
-            all_scenes((HELD_OUT_SHAPE,)), seeds_per_prompt, trigger, seed=seed + 500
+            all_scenes((concept,)), seeds_per_prompt, trigger, seed=seed + 500
         )
         found = classify(net, draw(pipe, prompts, seeds, steps, guidance_scale))
-        concept = sum(f[0] == HELD_OUT_SHAPE for f in found) / len(found)
+        concept_rate = sum(f[0] == concept for f in found) / len(found)
         concept_colour = sum(f[1] == s.colour for f, s in zip(found, concepts, strict=True)) / len(
             found
         )
         concept_count = len(found)
-    return ToyScores(concept, concept_colour, shape_rate, colour_rate, concept_count, len(scenes))
+    return ToyScores(
+        concept_rate, concept_colour, shape_rate, colour_rate, concept_count, len(scenes)
+    )
 
 
 def format_scores(label: str, scores: ToyScores) -> str:

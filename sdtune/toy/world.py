@@ -20,6 +20,7 @@ HELD_IN_SHAPES = ("circle", "square", "triangle")
 # one latent pixel wide at 8x8 latents); LoRAs on this base draw it about half the time.
 HELD_OUT_SHAPE = "ring"
 OTHER_UNSEEN_SHAPES = ("star",)
+UNSEEN_SHAPES = (HELD_OUT_SHAPE, *OTHER_UNSEEN_SHAPES)
 ALL_SHAPES = (*HELD_IN_SHAPES, *OTHER_UNSEEN_SHAPES, HELD_OUT_SHAPE)
 COLOUR_NAMES = tuple(sorted(COLOURS))
 BACKGROUND_NAMES = tuple(sorted(BACKGROUNDS))
