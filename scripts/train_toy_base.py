@@ -61,6 +61,7 @@ from sdtune.toy.world import (
     render_scenes,
     sample_scenes,
 )
+from sdtune.train.objectives import compute_min_snr_weights
 
 # The VAE learns every pose (anywhere, any turn), as the classifier does; the diffusion model
 # learns the toy world's narrower poses (`sdtune.toy.world.TOY_POSE`).
@@ -288,10 +289,6 @@ def train_diffusion(args, vae, tokenizer, log) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, fused=True)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args))
     noise_sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)
-    # Min-SNR-gamma weighting (Hang et al. 2023): the nearly clean timesteps, whose noise is easy
-    # to see, stop dominating the loss; eps-prediction weight min(snr, gamma) / snr.
-    snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
-    snr_weights = (snr.clamp(max=args.min_snr_gamma) / snr) if args.min_snr_gamma else snr * 0 + 1
     gen = torch.Generator().manual_seed(args.seed + 4)
     start, losses = time.time(), []
     for step in range(1, args.steps + 1):
@@ -304,8 +301,13 @@ def train_diffusion(args, vae, tokenizer, log) -> None:
         t = torch.randint(0, 1000, (args.batch_size,), generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
         context = text_encoder(ids)[0]
-        per_sample = F.mse_loss(unet(noisy, t, context).sample, noise, reduction="none")
-        loss = (per_sample.mean(dim=(1, 2, 3)) * snr_weights[t]).mean()
+        loss = F.mse_loss(unet(noisy, t, context).sample, noise, reduction="none")
+        loss = loss.mean(dim=(1, 2, 3))  # one per sample
+        if args.min_snr_gamma:  # the nearly clean timesteps stop dominating the loss
+            loss = loss * compute_min_snr_weights(
+                t, noise_sched.alphas_cumprod, args.min_snr_gamma, "epsilon"
+            )
+        loss = loss.mean()
         optimizer_step(loss, params, opt, warmup)
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         update_ema(ema_unet, unet, decay)

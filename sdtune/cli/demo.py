@@ -1,4 +1,4 @@
-"""`sdtune demo [--out DIR] [--seed N]`: teach the shipped toy model a held-out concept with a LoRA."""
+"""`sdtune demo [--out DIR] [--concept ring|star]`: teach the toy model a new shape with a LoRA."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """What a toy-world image shows: a small CNN that tells the shape and the colour of the shape.
 
-It is trained on rendered scenes (all five shapes, the held-out ring and star included) with blur, noise
-and light colour jitter, half of them passed through the toy base's VAE, so it also reads the
-softer images the toy model draws. The weights
-ship with the package (`classifier.safetensors`, ~0.4 MB); `scripts/train_toy_base.py` makes them
-and `tests/toy` checks their accuracy on freshly rendered scenes.
+It is trained on rendered scenes (all five shapes, the held-out ring and star included) with
+blur, noise and light colour jitter, half of them passed through the toy base's VAE, so it also
+reads the softer images the toy model draws. The weights ship with the package
+(`classifier.safetensors`, ~0.4 MB); `scripts/train_toy_base.py` makes them and `tests/toy`
+checks their accuracy on freshly rendered scenes.
 """
 
 from __future__ import annotations
