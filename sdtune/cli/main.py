@@ -12,6 +12,7 @@ import warnings
 
 from sdtune import __version__
 from sdtune.errors import SdtuneError
+from sdtune.stack import check_stack
 
 # subcommand -> (module under sdtune.cli, one line of help)
 SUBCOMMANDS = {
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
     module = importlib.import_module(f"sdtune.cli.{SUBCOMMANDS[args.command][0]}")
     try:
+        check_stack()  # an installed combination that cannot work stops here, in one line
         return module.run(args) or 0
     except SdtuneError as exc:
         if args.debug:
