@@ -5,6 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU build of torch; on a CUDA machine set TORCH_SPEC to the build you want (same version).
 TORCH_SPEC ?= torch==2.13.0
+PIP_SPEC   ?= pip==26.3
 LOCK   := requirements.lock
 
 .PHONY: demo test lint env lock test-latest clean
@@ -13,7 +14,7 @@ env: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(PIP_SPEC)"
 	# torch first: a plain `torch` requirement would otherwise pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[dev]"
