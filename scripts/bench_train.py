@@ -169,8 +169,11 @@ class Result:
 # ---- sdtune's loop -------------------------------------------------------------------------------
 
 
-def run_sdtune(args, device: torch.device, folder: Path, round_: int, memory: PeakMemory):
-    """sdtune's own loop (prepare_run + run_steps), timed after --warmup steps."""
+def run_sdtune(
+    args, device: torch.device, folder: Path, round_: int, memory: PeakMemory, pipe=None
+):
+    """sdtune's own loop (prepare_run + run_steps), timed after --warmup steps; `pipe` is a
+    freshly built base (the run adds its adapter to it), built here when not given."""
     from accelerate import Accelerator
 
     from sdtune.models.families import get_family
@@ -178,7 +181,7 @@ def run_sdtune(args, device: torch.device, folder: Path, round_: int, memory: Pe
     from sdtune.train.setup import check_inputs
 
     cfg = make_config(args, folder, round_)
-    pipe = build_base(args.family, args.full)
+    pipe = pipe if pipe is not None else build_base(args.family, args.full)
     loop._forget_earlier_runs()
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.train.mixed_precision)
     report = check_inputs(cfg)
@@ -208,7 +211,9 @@ def run_sdtune(args, device: torch.device, folder: Path, round_: int, memory: Pe
 # ---- the textbook loop ---------------------------------------------------------------------------
 
 
-def run_textbook(args, device: torch.device, folder: Path, round_: int, memory: PeakMemory):
+def run_textbook(
+    args, device: torch.device, folder: Path, round_: int, memory: PeakMemory, pipe=None
+):
     """The loop of the common LoRA training scripts: every step encodes the images with the VAE
     and the captions with the text encoder; the frozen base is in the run's precision, the
     adapter in fp32 under autocast; plain AdamW; the loss is read back each step for logging."""
@@ -220,7 +225,7 @@ def run_textbook(args, device: torch.device, folder: Path, round_: int, memory: 
 
     cfg = make_config(args, folder, round_)
     half = HALF.get(args.precision)
-    pipe = build_base(args.family, args.full)
+    pipe = pipe if pipe is not None else build_base(args.family, args.full)
     pipe.to(device, dtype=half or torch.float32)
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     for part in (unet, vae, text_encoder):
