@@ -54,7 +54,7 @@ class Row:
     value: float | None
     unit: str  # TFLOP/s | img/s | fraction | x | bytes | s | ms | steps | it/s
     note: str = ""
-    status: str = "ok"  # ok | error | skipped
+    status: str = "ok"  # ok | error | skipped (out of time) | left out (by the run's options)
     target: str = ""
     met: bool | None = None
 
@@ -73,7 +73,7 @@ class Settings:
     precision: str = "bf16"  # training
     resolution: int = 512
     batch_size: int = 8
-    steps: int = 12  # timed training steps per run
+    steps: int = 16  # timed training steps per run
     warmup: int = 4
     num_workers: int = 4
     sd2_resolution: int = 768
@@ -96,7 +96,7 @@ class Settings:
             batch_size=2,
             steps=2,
             warmup=1,
-            num_workers=0,
+            num_workers=1,
             sd2_resolution=64,
             sd2_batch_size=1,
             sd2_total_steps=4,
@@ -190,13 +190,16 @@ def train_args(s: Settings, **changes) -> argparse.Namespace:
     return argparse.Namespace(**values)
 
 
-def image_folder(bench: Bench, resolution: int, batch_size: int) -> Path:
+def image_folder(bench: Bench, args: argparse.Namespace) -> Path:
+    """Rendered images with captions for one run: all its steps in one epoch."""
+    from bench_train import images_needed
+
     from sdtune.data.synthetic import write_shape_dataset
 
-    folder = bench.folder / f"data{resolution}"
+    count = images_needed(args)
+    folder = bench.folder / f"data{args.resolution}-{count}"
     if not (folder / "images").exists():
-        count = max(2 * batch_size, 8)
-        write_shape_dataset(folder / "images", count=count, size=resolution, trigger="sks")
+        write_shape_dataset(folder / "images", count=count, size=args.resolution, trigger="sks")
     return folder
 
 
@@ -207,8 +210,9 @@ def train_once(bench: Bench, args: argparse.Namespace, loop: str = "sdtune"):
     from bench_train import PeakMemory, run_sdtune, run_textbook
 
     device = bench.settings.device
-    folder = image_folder(bench, args.resolution, args.batch_size)
+    folder = image_folder(bench, args)
     bench.runs += 1
+    before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     pipe = build_on_device(args.family, args.full, device)
     runner = run_sdtune if loop == "sdtune" else run_textbook
     result = runner(args, device, folder, bench.runs, PeakMemory(device), pipe=pipe)
@@ -216,6 +220,8 @@ def train_once(bench: Bench, args: argparse.Namespace, loop: str = "sdtune"):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if before > 64 * 2**20:  # something of an earlier section is still on the device
+        bench.notes.append(f"a {loop} run started with {before / GIB:.2f} GiB already allocated")
     return result
 
 
@@ -224,7 +230,7 @@ def estimate_peak(bench: Bench, args: argparse.Namespace):
 
     from sdtune.train.estimate import estimate_memory
 
-    folder = image_folder(bench, args.resolution, args.batch_size)
+    folder = image_folder(bench, args)
     cfg = make_config(args, folder, 0)
     return estimate_memory(cfg, build_base(args.family, args.full, empty=True))
 
@@ -454,6 +460,8 @@ def section_modes(bench: Bench) -> Iterator[Row]:
 SECTIONS: dict[str, tuple[Callable[[Bench], Iterator[Row]], float, tuple[str, ...]]] = {
     # name -> (generator, time budget on an H100/H200 in seconds, the keys of its rows)
     "matmul": (section_matmul, 20, ("matmul.bf16", "matmul.fp16")),
+    # first of the training runs, so that nothing an earlier run left can sit in its peak
+    "memory": (section_memory, 40, ("memory.peak", "memory.estimate", "memory.estimate_ratio")),
     "train-cached": (
         section_train("cached"),
         60,
@@ -477,7 +485,6 @@ SECTIONS: dict[str, tuple[Callable[[Bench], Iterator[Row]], float, tuple[str, ..
         45,
         ("textbook.images_per_s", "textbook.ratio_cached", "textbook.ratio_uncached"),
     ),  # fmt: skip
-    "memory": (section_memory, 40, ("memory.peak", "memory.estimate", "memory.estimate_ratio")),
     "sd2v": (
         section_sd2v,
         60,
