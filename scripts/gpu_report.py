@@ -164,7 +164,7 @@ def run_sections(bench, args, deadline: float) -> list:
             rows += [Row(k, k, None, "", why, status="skipped") for k in keys]
             print(f"[{name}] {why}", flush=True)
             continue
-        start, done = time.monotonic(), []
+        start, cpu, done = time.monotonic(), time.process_time(), []
         print(f"[{name}] up to {limit:.0f} s", flush=True)
         try:
             with time_limit(limit):
@@ -179,7 +179,8 @@ def run_sections(bench, args, deadline: float) -> list:
                 Row(k, k, None, "", message, status="error") for k in keys if k not in measured
             ]
         rows += done
-        print(f"[{name}] {time.monotonic() - start:.1f} s", flush=True)
+        used = f"{time.monotonic() - start:.1f} s, CPU {time.process_time() - cpu:.1f} s"
+        print(f"[{name}] {used}", flush=True)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

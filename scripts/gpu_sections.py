@@ -163,8 +163,8 @@ def section_matmul(bench: Bench) -> Iterator[Row]:
         dtype = half if s.device.type == "cuda" else torch.float32  # CPU: fp32 for both uses
         rate = measure_matmul_rate(s.device, dtype, s.matmul_seconds)
         kind = str(dtype).removeprefix("torch.")
-        note = f"the rate {'training' if use == 'bf16' else 'inference'} fractions divide by"
-        name = f"dense {kind} matmul rate"
+        name = f"dense {kind} matmul rate, for {'training' if use == 'bf16' else 'inference'}"
+        note = f"{'8192' if s.device.type == 'cuda' else '1024'}^3 products, best batch of {s.matmul_seconds:g} s"  # fmt: skip
         yield bench.row(f"matmul.{use}", name, rate / 1e12, "TFLOP/s", note)
 
 
