@@ -195,11 +195,11 @@ def run_sdtune(
         loop.run_steps(run)
     flops = counter.get_total_flops() / args.batch_size
     memory.reset()
-    if args.num_workers and args.steps > 1:
+    short = short_steps(args)
+    if short:
         # Each run_steps call is a new pass over the loader, whose workers start again; in a
         # real run that happens once an epoch. Two timed calls of different lengths give the
         # time of a step without that start-up: (long - short) / (its extra steps).
-        short = max(1, args.steps // 4)
         short_s = timed_steps(run, short, device)
         step_s = (timed_steps(run, args.steps, device) - short_s) / (args.steps - short)
     else:
@@ -469,11 +469,20 @@ def main() -> None:
         print("* CPU proxy: the process's peak resident set, Python and libraries included")
 
 
+def short_steps(args) -> int:
+    """Steps of the shorter timed call of sdtune's loop (0: one timed call, no data workers)."""
+    return max(1, args.steps // 4) if args.num_workers and args.steps > 1 else 0
+
+
+def steps_in_run(args) -> int:
+    """Every step a run of sdtune's loop trains: warm-up, the counted one, the timed ones."""
+    return args.warmup + 1 + short_steps(args) + args.steps
+
+
 def images_needed(args) -> int:
     """Enough images for every step of a run in one epoch (a new epoch restarts the loader's
     workers, which a short benchmark would otherwise count several times)."""
-    steps = args.warmup + 1 + args.steps + max(1, args.steps // 4)
-    return max(args.batch_size * steps, 8)
+    return max(args.batch_size * steps_in_run(args), 8)
 
 
 def median_result(results: list[Result]) -> Result:

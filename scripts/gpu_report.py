@@ -41,13 +41,11 @@ PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsand
 PACKAGES += ("safetensors", "huggingface_hub", "numpy", "pillow")
 
 
-class OutOfTime(Exception):
-    pass
-
-
 @contextmanager
 def time_limit(seconds: float):
     """Raise OutOfTime in this (main) thread once `seconds` have passed."""
+
+    from gpu_sections import OutOfTime
 
     def on_alarm(_signum, _frame):
         raise OutOfTime(f"over its {seconds:.0f} s budget")
@@ -106,6 +104,7 @@ def versions(site: Path) -> dict[str, str]:
         found[name] = dist.version + (" (carried)" if carried else "")
     import torch
 
+    found["torch"] = torch.__version__  # with its build, e.g. 2.11.0+cu130
     if torch.cuda.is_available():
         found["torch"] += f", CUDA {torch.version.cuda}"
     return found
@@ -144,7 +143,7 @@ def run_sections(bench, args, deadline: float) -> list:
     import gc
 
     import torch
-    from gpu_sections import OPTIONAL, SECTIONS, Row
+    from gpu_sections import OPTIONAL, SECTIONS, Row, one_line
 
     rows, smoke = [], args.smoke
     for name in SECTIONS:
@@ -172,7 +171,7 @@ def run_sections(bench, args, deadline: float) -> list:
                     done.append(row)
                     print(f"  {row.name}: {format_value(row)}", flush=True)
         except Exception as exc:  # OutOfTime, CUDA out of memory, a library's error: go on
-            message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"  # fmt: skip
+            message = one_line(exc)
             print(f"[{name}] FAILED {message}\n{traceback.format_exc()}", flush=True)
             measured = {r.key for r in done}
             done += [

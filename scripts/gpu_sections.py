@@ -47,6 +47,15 @@ TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
 }
 
 
+class OutOfTime(Exception):
+    """A section ran past its time budget."""
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 @dataclass
 class Row:
     key: str
@@ -339,12 +348,17 @@ def section_memory(bench: Bench) -> Iterator[Row]:
 def section_sd2v(bench: Bench) -> Iterator[Row]:
     """SD 2 768-v, bf16: every one of the run's steps with a finite loss and gradient norm
     (sdtune's loop checks both each step and stops at the first that is not)."""
+    from bench_train import steps_in_run
+
     from sdtune.errors import SdtuneError
 
     s = bench.settings
-    total, warmup = s.sd2_total_steps, min(3, s.sd2_total_steps - 2)
     args = train_args(s, family="sd2-v", resolution=s.sd2_resolution, batch_size=s.sd2_batch_size)
-    args.steps, args.warmup = total - warmup - 1, warmup  # + the step whose FLOPs are counted
+    args.warmup = min(3, s.sd2_total_steps - 2)
+    for args.steps in range(s.sd2_total_steps, 0, -1):  # the most timed steps that fit
+        if steps_in_run(args) <= s.sd2_total_steps:
+            break
+    total = steps_in_run(args)
     what = f"{bench.model('sd2-v')} {s.sd2_resolution} px b{s.sd2_batch_size} {s.precision}"
     try:
         result = train_once(bench, args)
@@ -436,9 +450,7 @@ def section_modes(bench: Bench) -> Iterator[Row]:
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
     for mode, family in MODES.items():
-        pipe = build_tiny_pipeline(family, seed=0)
-        pipe.set_progress_bar_config(disable=True)
-        place_pipeline(pipe, s.device, dtype)
+        name = f"{mode} ({family}, tiny): seconds"
         request = GenerationRequest(
             prompt="a red circle", mode=mode, steps=2, output_type="np", seeds=[0]
         )
@@ -446,14 +458,21 @@ def section_modes(bench: Bench) -> Iterator[Row]:
             request.image = image.resize((32, 32)) if mode == "upscale" else image
         if mode == "inpaint":
             request.mask = mask
-        start = time.perf_counter()
-        out = generate(pipe, request).images[0]
-        sync(s.device)
-        seconds = time.perf_counter() - start
-        finite = bool(np.isfinite(out).all())
-        row = bench.row(f"modes.{mode}", f"{mode} ({family}, tiny): seconds", seconds, "s")
+        try:
+            pipe = build_tiny_pipeline(family, seed=0)
+            pipe.set_progress_bar_config(disable=True)
+            place_pipeline(pipe, s.device, dtype)
+            start = time.perf_counter()
+            out = generate(pipe, request).images[0]
+            sync(s.device)
+        except OutOfTime:
+            raise
+        except Exception as exc:  # one mode failing leaves the others to run
+            yield Row(f"modes.{mode}", name, None, "s", one_line(exc), status="error")
+            continue
+        row = bench.row(f"modes.{mode}", name, time.perf_counter() - start, "s")
         row.note = f"{s.device.type} {str(dtype).removeprefix('torch.')}, output {out.shape}"
-        row.target, row.met = "runs, finite image", finite
+        row.target, row.met = "runs, finite image", bool(np.isfinite(out).all())
         yield row
 
 

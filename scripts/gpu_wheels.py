@@ -7,7 +7,9 @@
 The GPU machine's own Python already has torch (CUDA), transformers, peft, accelerate,
 safetensors, pyyaml, pillow and tensorboard; sdtune needs two more for the measured paths:
 diffusers (pure Python) and bitsandbytes (8-bit optimizers; CUDA libraries inside). `datasets`
-is imported only for Hugging Face dataset sources, which the GPU report does not use.
+is imported only for Hugging Face dataset sources, which the GPU report does not use. A peft
+wheel travels as a spare: installed only if the machine's peft is missing or older than
+pyproject.toml's minimum.
 
 Everything that travels with the checkout must fit in 64 MiB. bitsandbytes' wheel carries one
 native library per CUDA and ROCm release (41 MiB for 0.50.2), which with the checkout does not
@@ -36,6 +38,9 @@ LIMIT_BYTES = 64 * 2**20  # what may travel with the checkout, wheels included
 # The packages the GPU machine lacks, at the versions this project is tested with (a
 # requirements.lock beside pyproject.toml overrides them).
 NEEDED = {"diffusers": "0.42.1", "bitsandbytes": "0.50.2"}
+# Carried as well but installed only where the machine's own is missing or older than
+# pyproject.toml's minimum: the machine's peft version has not been seen yet.
+SPARE = {"peft": "0.21.2"}
 # Never installed from the wheel folder: the machine's own build must stay in use.
 FORBIDDEN = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia[-_].*|cuda[-_].*)$")
 PLATFORMS = (
@@ -61,8 +66,8 @@ def wheel_name_version(path: Path) -> tuple[str, str]:
 
 
 def locked_versions() -> dict[str, str]:
-    """NEEDED, with the versions of requirements.lock where it pins them."""
-    versions = dict(NEEDED)
+    """NEEDED and SPARE, with the versions of requirements.lock where it pins them."""
+    versions = {**NEEDED, **SPARE}
     lock = REPO / "requirements.lock"
     if lock.exists():
         for line in lock.read_text().splitlines():
@@ -98,6 +103,9 @@ def _download_into(full: Path, dest: Path, python_version: str, cuda_libs: list[
     for wheel in sorted(full.glob("*.whl")):
         name, version = wheel_name_version(wheel)
         entry = {"name": name, "version": version, "file": wheel.name, "full_bytes": size(wheel)}
+        entry["role"] = "spare" if name in SPARE else "needed"
+        if name in SPARE:
+            entry["minimum"] = minimum_version(name)
         entry["sha256_of_full"] = hashlib.sha256(wheel.read_bytes()).hexdigest()
         if name == "bitsandbytes":
             entry["removed"] = slim_bitsandbytes(wheel, dest / wheel.name, cuda_libs)
@@ -133,6 +141,13 @@ def slim_bitsandbytes(source: Path, target: Path, cuda_libs: list[str]) -> list[
                 out.writestr(info, data)
     tmp.replace(target)
     return removed
+
+
+def minimum_version(name: str) -> str:
+    """The lowest version pyproject.toml's dependencies accept (`name>=X`), or "0"."""
+    text = (REPO / "pyproject.toml").read_text()
+    match = re.search(rf'"{re.escape(name)}\s*>=\s*([^",;\s]+)', text, re.IGNORECASE)
+    return match.group(1) if match else "0"
 
 
 def size(path: Path) -> int:
@@ -183,10 +198,16 @@ def installed_version(name: str) -> str | None:
 def install_wheels(folder: Path, target: Path) -> list[str]:
     """Install the folder's wheels into `target` (no index, no dependencies, never torch) and
     put `target` first on sys.path. A package already present at the wheel's version is left
-    alone (and `target` stays off the path if nothing was installed). Returns one line per wheel saying what happened."""
+    alone, and so is a spare one (manifest.json) the machine has recent enough; `target` stays
+    off the path if nothing was installed. Returns one line per wheel saying what happened."""
     wheels = sorted(folder.glob("*.whl"))
     if not wheels:
         raise WheelError(f"no wheels in {folder}; make them with `make gpu-wheels` first")
+    manifest = folder / "manifest.json"
+    spare = {}  # name -> lowest version of the machine's own that is kept
+    if manifest.exists():
+        entries = json.loads(manifest.read_text())["wheels"]
+        spare = {e["name"]: e["minimum"] for e in entries if e.get("role") == "spare"}
     seen, todo, lines = {}, [], []
     for wheel in wheels:
         name, version = wheel_name_version(wheel)
@@ -198,6 +219,9 @@ def install_wheels(folder: Path, target: Path) -> list[str]:
         present = installed_version(name)
         if present == version:
             lines.append(f"{name} {version}: already installed, left as it is")
+            continue
+        if name in spare and present and not older(present, spare[name]):
+            lines.append(f"{name} {present}: the machine's own (>= {spare[name]}), kept")
             continue
         todo.append(wheel)
         was = f", replacing {present} for this run" if present else ""
@@ -212,6 +236,15 @@ def install_wheels(folder: Path, target: Path) -> list[str]:
             sys.path.insert(0, str(target))
         importlib.invalidate_caches()
     return lines
+
+
+def older(version: str, than: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version) < Version(than)
+    except InvalidVersion:
+        return True
 
 
 def main() -> None:

@@ -117,9 +117,15 @@ def test_install_puts_the_wheels_in_their_own_folder(tmp_path, monkeypatch):
     import yaml  # present here: a wheel of the same version is left alone, pip never runs
 
     (wheels / f"PyYAML-{yaml.__version__}-py3-none-any.whl").write_bytes(b"not read")
+    # a spare wheel is installed only where the machine's own is missing or too old
+    (wheels / "packaging-99.0-py3-none-any.whl").write_bytes(b"not read")
+    spare = [{"name": "packaging", "role": "spare", "minimum": "20.0"}]
+    spare.append({"name": "sdtune-probe", "role": "spare", "minimum": "0.5"})
+    (wheels / "manifest.json").write_text(json.dumps({"wheels": spare}))
     lines = gpu_wheels.install_wheels(wheels, target)
     assert any("sdtune-probe 1.0: installed into" in ln for ln in lines)
     assert any(f"pyyaml {yaml.__version__}: already installed" in ln for ln in lines)
+    assert any("packaging" in ln and "the machine's own (>= 20.0), kept" in ln for ln in lines)
     assert sys.path[0] == str(target)
     import sdtune_probe
 
