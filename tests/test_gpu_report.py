@@ -77,6 +77,32 @@ def test_a_missed_target_is_named_with_its_figure():
     assert "memory.peak: OutOfTime" in markdown.split("Not measured:")[1]
 
 
+def test_the_report_checks_the_targets_benchmarks_states():
+    table = (SCRIPTS / "BENCHMARKS.md").read_text().split("| target | command |")[1]
+    table = table.split("\n\n")[0]
+    for phrase in (
+        ">= 40% of the measured dense bf16 rate",
+        ">= 1.3x the textbook",
+        "peak <= 4 GB",
+    ):
+        assert phrase in table
+    assert "within 15% of the measured peak" in table and "fused adapter within 2%" in table
+    assert "live within 10%" in table
+    checks = {key: check for key, (_, check) in gpu_sections.TARGETS.items()}
+    edges = {
+        "train.cached.fraction": (0.40, 0.399),
+        "textbook.ratio_cached": (1.3, 1.29),
+        "memory.peak": (4e9, 4.01e9),
+        "memory.estimate_ratio": (0.851, 0.849),
+        "train.cached.estimate_ratio": (1.149, 1.151),
+        "inference.fused_ratio": (1.02, 1.021),
+        "inference.live_ratio": (1.10, 1.101),
+    }
+    assert set(edges) == set(checks)
+    for key, (meets, misses) in edges.items():
+        assert checks[key](meets) and not checks[key](misses), key
+
+
 @pytest.mark.slow
 def test_smoke_compile_section(tmp_path):
     proc = run_smoke(tmp_path, "--only", "matmul,inference,compile")
