@@ -10,8 +10,8 @@
 set -uo pipefail
 out="${1:?usage: bash scripts/gpu_report.sh OUT_DIR [gpu_report.py options]}"
 shift
+mkdir -p "$out" && out="$(cd "$out" && pwd)"
 cd "$(dirname "$0")/.."
-mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
