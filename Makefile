@@ -57,3 +57,10 @@ test-latest:
 
 clean:
 	rm -rf $(VENV) .lock-venv .latest-venv outputs .pytest_cache .ruff_cache
+
+# The wheels a bare GPU machine lacks (diffusers, a slimmed bitsandbytes), for its Python, in
+# gpu-wheels/ (git-ignored; name it in what travels with the checkout). See CONTRIBUTING.md.
+GPU_PYTHON ?= 3.12
+.PHONY: gpu-wheels
+gpu-wheels:
+	$(PYTHON) scripts/gpu_wheels.py download --dest gpu-wheels --python-version $(GPU_PYTHON)

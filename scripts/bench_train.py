@@ -169,8 +169,11 @@ class Result:
 # ---- sdtune's loop -------------------------------------------------------------------------------
 
 
-def run_sdtune(args, device: torch.device, folder: Path, round_: int, memory: PeakMemory):
-    """sdtune's own loop (prepare_run + run_steps), timed after --warmup steps."""
+def run_sdtune(
+    args, device: torch.device, folder: Path, round_: int, memory: PeakMemory, pipe=None
+):
+    """sdtune's own loop (prepare_run + run_steps), timed after --warmup steps; `pipe` is a
+    freshly built base (the run adds its adapter to it), built here when not given."""
     from accelerate import Accelerator
 
     from sdtune.models.families import get_family
@@ -178,7 +181,7 @@ def run_sdtune(args, device: torch.device, folder: Path, round_: int, memory: Pe
     from sdtune.train.setup import check_inputs
 
     cfg = make_config(args, folder, round_)
-    pipe = build_base(args.family, args.full)
+    pipe = pipe if pipe is not None else build_base(args.family, args.full)
     loop._forget_earlier_runs()
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.train.mixed_precision)
     report = check_inputs(cfg)
@@ -191,24 +194,39 @@ def run_sdtune(args, device: torch.device, folder: Path, round_: int, memory: Pe
     with FlopCounterMode(display=False) as counter:
         loop.run_steps(run)
     flops = counter.get_total_flops() / args.batch_size
-    sync(device)
     memory.reset()
-    start = time.perf_counter()
-    cfg.train.max_steps += args.steps
-    loop.run_steps(run)
-    sync(device)
-    elapsed = time.perf_counter() - start
+    short = short_steps(args)
+    if short:
+        # Each run_steps call is a new pass over the loader, whose workers start again; in a
+        # real run that happens once an epoch. Two timed calls of different lengths give the
+        # time of a step without that start-up: (long - short) / (its extra steps).
+        short_s = timed_steps(run, short, device)
+        step_s = (timed_steps(run, args.steps, device) - short_s) / (args.steps - short)
+    else:
+        step_s = timed_steps(run, args.steps, device) / args.steps
     peak = memory.read()
     del run, pipe
-    return Result(
-        "sdtune", args.steps * args.batch_size / elapsed, elapsed / args.steps, peak, flops
-    )
+    return Result("sdtune", args.batch_size / step_s, step_s, peak, flops)
+
+
+def timed_steps(run, steps: int, device: torch.device) -> float:
+    """Seconds for `steps` more steps of sdtune's loop, the device synchronised at both ends."""
+    from sdtune.train import loop
+
+    sync(device)
+    start = time.perf_counter()
+    run.cfg.train.max_steps += steps
+    loop.run_steps(run)
+    sync(device)
+    return time.perf_counter() - start
 
 
 # ---- the textbook loop ---------------------------------------------------------------------------
 
 
-def run_textbook(args, device: torch.device, folder: Path, round_: int, memory: PeakMemory):
+def run_textbook(
+    args, device: torch.device, folder: Path, round_: int, memory: PeakMemory, pipe=None
+):
     """The loop of the common LoRA training scripts: every step encodes the images with the VAE
     and the captions with the text encoder; the frozen base is in the run's precision, the
     adapter in fp32 under autocast; plain AdamW; the loss is read back each step for logging."""
@@ -220,7 +238,7 @@ def run_textbook(args, device: torch.device, folder: Path, round_: int, memory: 
 
     cfg = make_config(args, folder, round_)
     half = HALF.get(args.precision)
-    pipe = build_base(args.family, args.full)
+    pipe = pipe if pipe is not None else build_base(args.family, args.full)
     pipe.to(device, dtype=half or torch.float32)
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     for part in (unet, vae, text_encoder):
@@ -430,7 +448,7 @@ def main() -> None:
         from sdtune.data.synthetic import write_shape_dataset
 
         folder = Path(tmp)
-        count = max(2 * args.batch_size, 8)
+        count = images_needed(args)
         write_shape_dataset(folder / "images", count=count, size=args.resolution, trigger="sks")
         for round_ in range(args.rounds):
             for name_, runner in (("sdtune", run_sdtune), ("textbook", run_textbook)):
@@ -449,6 +467,22 @@ def main() -> None:
     report(results, peak_rate, predicted, memory.label)
     if device.type == "cpu":
         print("* CPU proxy: the process's peak resident set, Python and libraries included")
+
+
+def short_steps(args) -> int:
+    """Steps of the shorter timed call of sdtune's loop (0: one timed call, no data workers)."""
+    return max(1, args.steps // 4) if args.num_workers and args.steps > 1 else 0
+
+
+def steps_in_run(args) -> int:
+    """Every step a run of sdtune's loop trains: warm-up, the counted one, the timed ones."""
+    return args.warmup + 1 + short_steps(args) + args.steps
+
+
+def images_needed(args) -> int:
+    """Enough images for every step of a run in one epoch (a new epoch restarts the loader's
+    workers, which a short benchmark would otherwise count several times)."""
+    return max(args.batch_size * steps_in_run(args), 8)
 
 
 def median_result(results: list[Result]) -> Result:
