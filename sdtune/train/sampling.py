@@ -1,8 +1,18 @@
-"""Sample images during and after training, through the same code as `sdtune generate`."""
+"""Sample images during and after training, through the same code as `sdtune generate`.
+
+A sample is the image `sdtune generate` draws with the adapter saved at that step, at the
+training precision (`--dtype bf16` for a bf16 run): `generation_precision` puts the pipeline in
+that state for the length of the drawing. Three things differ while training and are undone:
+accelerate's autocast wrapper (which also hands fp32 outputs to the half-precision VAE), the
+adapter's fp32 weights (generate casts them to the pipeline's dtype), and, in fp16, the VAE
+(generate keeps it in fp32, where the SD VAE does not overflow).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -10,6 +20,44 @@ import torch
 from sdtune.train import checkpoint as ckpt
 
 logger = logging.getLogger("sdtune.train")
+
+
+@contextmanager
+def generation_precision(
+    pipe, dtype: torch.dtype, adapter_params: Sequence[torch.nn.Parameter] = ()
+) -> Iterator[None]:
+    """The pipeline as `sdtune generate --dtype <dtype>` would hold it, for a `with` block."""
+    from sdtune.generate.device import vae_in_fp32
+
+    masters = [p.data for p in adapter_params]
+    with ExitStack() as stack:
+        for model in (pipe.unet, pipe.text_encoder):
+            stack.enter_context(_without_autocast_wrapper(model))
+        if dtype == torch.float16:
+            stack.enter_context(vae_in_fp32(pipe.vae))
+        try:
+            for p in adapter_params:  # the fp32 masters are kept and put back afterwards
+                p.data = p.data.to(dtype)
+            yield
+        finally:
+            for p, master in zip(adapter_params, masters, strict=True):
+                p.data = master
+
+
+@contextmanager
+def _without_autocast_wrapper(model) -> Iterator[None]:
+    """Call the model's own forward: `accelerator.prepare` wraps it in autocast and casts its
+    outputs to fp32 (the wrapper is an instance attribute next to `_original_forward`)."""
+    original = model.__dict__.get("_original_forward")
+    if original is None:
+        yield
+        return
+    wrapped = model.__dict__["forward"]
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 def save_samples(run, stem: str) -> Path:
@@ -24,7 +72,7 @@ def save_samples(run, stem: str) -> Path:
     run.unet.eval()
     folder, images = run.out / "samples", []
     for i, prompt in enumerate(cfg.output.sample_prompts):
-        with torch.no_grad():
+        with torch.no_grad(), generation_precision(pipe, run.dtype, run.trainable):
             image = _draw_sample(run, prompt, steps, seed, size)
         params = GenerationParams(
             prompt=prompt,
