@@ -36,7 +36,7 @@ def test_img2img_to_folder_with_snapshots_grid_and_params(tiny_sd1_dir, sd1_adap
     for field in (
         "Steps: 4", "Sampler: DPM++ 2M", "Schedule type: Karras", "Seed: 9", "Size: 64x64",
         "Denoising strength: 0.6", "Mask: mask.png", "Mode: inpaint",
-        "Lora: pytorch_lora_weights.safetensors:0.7",
+        'Lora: "pytorch_lora_weights.safetensors:0.7"',
     ):  # fmt: skip
         assert field in text, field
     strip = Image.open(tmp_path / "out" / "inpaint-seed5-snapshots.png")
