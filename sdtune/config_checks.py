@@ -95,6 +95,7 @@ def validate_config(cfg: RunConfig) -> None:
     for ok, key, rule in checks:
         if not ok:
             raise SdtuneError(f"{key} {rule}; got {_current(cfg, key)!r}")
+    _check_lora_targets(cfg)
     for i, source in enumerate(cfg.data.sources):
         _validate_source(source, f"data.sources[{i}]")
     if cfg.data.shuffle_buffer < 1:
@@ -103,6 +104,16 @@ def validate_config(cfg: RunConfig) -> None:
         )
     if cfg.data.dataset_streaming:
         _validate_streaming(cfg.data)
+
+
+def _check_lora_targets(cfg: RunConfig) -> None:
+    """Target specs that cannot match anything (empty, a broken regex) fail before loading;
+    names that no module has are found once the model is there."""
+    from sdtune.adapters.lora import resolve_text_encoder_targets, resolve_unet_targets
+
+    resolve_unet_targets(cfg.lora.unet_targets)
+    if cfg.lora.train_text_encoder:
+        resolve_text_encoder_targets(cfg.lora.text_encoder_targets)
 
 
 def check_declared_ranges(cfg: RunConfig) -> None:

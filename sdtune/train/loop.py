@@ -191,7 +191,7 @@ def train(cfg: RunConfig) -> TrainResult:
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        log_with=trackers(cfg.output.log_with),
+        log_with=trackers(cfg.output.log_with) or None,  # none: no tracker, no warning
         project_dir=str(out),
     )
     if accelerator.is_main_process:

@@ -13,6 +13,8 @@ from sdtune.errors import SdtuneError
 
 logger = logging.getLogger("sdtune.train")
 
+CLASS_IMAGE_STEPS = 25  # denoising steps of each drawn class image (sdtune generate's default)
+
 
 def ensure_class_images(pipe, cfg: RunConfig, is_main_process: bool) -> int:
     """Generate class images until `data.num_class_images` exist; returns how many were made.
@@ -41,7 +43,11 @@ def ensure_class_images(pipe, cfg: RunConfig, is_main_process: bool) -> int:
     for k in range(missing):
         # What `sdtune generate --model BASE --seed S --dtype <training precision>` draws.
         request = GenerationRequest(
-            prompt=d.class_prompt, steps=25, seeds=[seed0 + k], width=size, height=size
+            prompt=d.class_prompt,
+            steps=CLASS_IMAGE_STEPS,
+            seeds=[seed0 + k],
+            width=size,
+            height=size,
         )
         with torch.no_grad(), generation_precision(pipe, pipe.unet.dtype):
             result = run_request(pipe, request)
