@@ -119,15 +119,20 @@ def check_targets_matched(model, targets: list[str] | str, what: str, presets: d
         unmatched = [t for t in targets if not matched_modules(model, [t])]
     if not unmatched:
         return
+    from collections import Counter
+
     import torch
 
-    kinds = sorted(
-        {
-            name.split(".")[-1] if not name.endswith(".0") else ".".join(name.split(".")[-2:])
-            for name, module in model.named_modules()
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name
-        }
+    def kind(name: str) -> str:  # to_q, conv1; to_out.0 and ff.net.2 keep their index
+        parts = name.split(".")
+        return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+    counts = Counter(
+        kind(name)
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name
     )
+    kinds = [k for k, _ in counts.most_common()]  # the commonest first: attention, ResNets
     raise SdtuneError(
         f"no {what} module matches the LoRA target{'s' if len(unmatched) > 1 else ''} "
         f"{_short(', '.join(unmatched))}; use a preset ({', '.join(presets)}), re:<regex>, or "
