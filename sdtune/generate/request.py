@@ -21,7 +21,8 @@ class GenerationRequest:
     """One generation job for any mode; fields a mode does not use are ignored by it.
 
     Each image depends only on its own seed (one generator per image), so `batch_size` trades
-    memory for speed without changing what is drawn (up to float rounding of batched kernels).
+    memory for speed without changing what is drawn up to the rounding of batched kernels: at most
+    1/255 in a few values of a PNG (tests/generate/test_outputs_and_options.py holds the bound).
     """
 
     prompt: str = ""
