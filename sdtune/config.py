@@ -545,8 +545,8 @@ def format_options() -> str:
         default = f.default
         if default is dataclasses.MISSING:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        choices = f.metadata.get("choices")
-        extra = f" [{'|'.join(choices)}]" if choices else ""
+        choices, valid = f.metadata.get("choices"), f.metadata.get("valid")
+        extra = f" [{'|'.join(choices)}]" if choices else (f" in {valid.text}" if valid else "")
         lines.append(f"  {key:<38} {_type_name(tp):<14} default {default!r}{extra}")
         lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)
