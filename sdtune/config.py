@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,9 +23,51 @@ import yaml
 from sdtune.errors import SdtuneError
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """Declare one option: its default, its help line and (for strings) its allowed values."""
-    metadata = {"help": help, "choices": choices}
+@dataclass(frozen=True)
+class Range:
+    """The values a number option may take, in interval notation: `[0, 1)`, `(0, inf)`.
+
+    Only finite numbers are ever valid (an `inf` end means "no upper bound"), so NaN and
+    infinities are refused for every option that declares a range."""
+
+    text: str
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Range:
+        match = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])", text)
+        if match is None:
+            raise ValueError(f"not an interval: {text!r}")
+        left, low, high, right = match.groups()
+        return cls(text, float(low), float(high), left == "(", right == ")")
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def rule(self) -> str:
+        """What a valid value is, for an error message."""
+        if self.high != math.inf:
+            return f"must be in {self.text}"
+        if self.low == 0:
+            return (
+                "must be positive and finite" if self.low_open else "must be 0 or more and finite"
+            )
+        return f"must be {'above' if self.low_open else 'at least'} {self.low:g} and finite"
+
+
+def option(
+    default: Any, help: str, choices: tuple[str, ...] | None = None, valid: str | None = None
+) -> Any:
+    """Declare one option: its default, its help line, (for strings) its allowed values and
+    (for numbers) its valid range in interval notation, checked by sdtune.config_checks."""
+    metadata = {"help": help, "choices": choices, "valid": Range.parse(valid) if valid else None}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -62,8 +106,12 @@ class SourceConfig:
     shuffle_tags: bool | None = option(None, "shuffle tags each epoch")
     keep_tags: int | None = option(None, "leading tags never shuffled or dropped")
     tag_separator: str | None = option(None, "what separates tags")
-    tag_dropout: float | None = option(None, "chance of dropping each tag per epoch")
-    caption_dropout: float | None = option(None, "chance of an empty caption per item and epoch")
+    tag_dropout: float | None = option(
+        None, "chance of dropping each tag per epoch", valid="[0, 1]"
+    )
+    caption_dropout: float | None = option(
+        None, "chance of an empty caption per item and epoch", valid="[0, 1]"
+    )
 
 
 @dataclass
@@ -82,7 +130,9 @@ class DataConfig:
         False, "aspect-ratio buckets of about resolution² pixels instead of square crops"
     )
     bucket_step: int = option(64, "bucket sides are multiples of this many pixels")
-    max_aspect: float = option(3.0, "most elongated bucket (long side / short side)")
+    max_aspect: float = option(
+        3.0, "most elongated bucket (long side / short side)", valid="[1, inf)"
+    )
     upscale: bool = option(False, "blow small images up to their bucket (else smaller bucket)")
     pad: bool = option(False, "fit whole images into buckets and pad, instead of cropping")
     repeats: int = option(1, "times each image is seen per epoch")
@@ -102,9 +152,13 @@ class DataConfig:
     shuffle_tags: bool = option(False, "shuffle the caption's tags each epoch (after keep_tags)")
     keep_tags: int = option(0, "leading tags never shuffled or dropped (1 keeps the trigger)")
     tag_separator: str = option(",", "what separates tags in a caption")
-    tag_dropout: float = option(0.0, "chance of dropping each tag after keep_tags, per epoch")
+    tag_dropout: float = option(
+        0.0, "chance of dropping each tag after keep_tags, per epoch", valid="[0, 1]"
+    )
     caption_dropout: float = option(
-        0.0, "chance of an empty caption per item and epoch (trains the unconditional case)"
+        0.0,
+        "chance of an empty caption per item and epoch (trains the unconditional case)",
+        valid="[0, 1]",
     )
     cache_latents: bool = option(
         False, "encode each image once and keep its VAE encoding on disk (keyed on its pixels)"
@@ -119,7 +173,9 @@ class DataConfig:
         75, "caption tokens the text encoder sees: 75 (longer ones cut), or 150/225 in windows"
     )
     validation_split: float = option(
-        0.0, "share of the images held out for a validation loss (seeded); 0 uses them all"
+        0.0,
+        "share of the images held out for a validation loss (seeded); 0 uses them all",
+        valid="[0, 1)",
     )
     class_dir: str = option(
         "", "DreamBooth class images for prior preservation (missing ones are generated)"
@@ -136,8 +192,10 @@ class DataConfig:
 @dataclass
 class LoraConfig:
     rank: int = option(16, "LoRA rank (the width of the low-rank update)")
-    alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank")
-    dropout: float = option(0.0, "dropout on the LoRA branch")
+    alpha: float = option(
+        16.0, "LoRA alpha; the update is scaled by alpha / rank", valid="(0, inf)"
+    )
+    dropout: float = option(0.0, "dropout on the LoRA branch", valid="[0, 1)")
     unet_targets: str = option(
         "attn",
         "U-Net modules: a preset (attn, cross-attn, attn-ff, locon), re:<regex>, or names a,b,c",
@@ -148,7 +206,7 @@ class LoraConfig:
     )
     text_encoder_rank: int | None = option(None, "rank of the text-encoder LoRA; defaults to rank")
     text_encoder_alpha: float | None = option(
-        None, "alpha of the text-encoder LoRA; defaults to alpha"
+        None, "alpha of the text-encoder LoRA; defaults to alpha", valid="(0, inf)"
     )
     use_dora: bool = option(False, "weight-decomposed LoRA (DoRA, Liu et al. 2024)")
     init: str = option(
@@ -161,16 +219,16 @@ class TrainConfig:
     max_steps: int = option(500, "optimizer steps to train for")
     batch_size: int = option(1, "images per micro-batch on each process")
     gradient_accumulation_steps: int = option(1, "micro-batches summed before each optimizer step")
-    learning_rate: float = option(1e-4, "learning rate of the U-Net LoRA")
+    learning_rate: float = option(1e-4, "learning rate of the U-Net LoRA", valid="(0, inf)")
     text_encoder_learning_rate: float | None = option(
-        None, "learning rate of the text-encoder LoRA; defaults to learning_rate"
+        None, "learning rate of the text-encoder LoRA; defaults to learning_rate", valid="(0, inf)"
     )
     optimizer: str = option(
         "adamw",
         "optimizer (8-bit ones need bitsandbytes)",
         ("adamw", "adamw8bit", "lion8bit", "adafactor", "sgd"),
     )
-    weight_decay: float = option(1e-2, "decoupled weight decay")
+    weight_decay: float = option(1e-2, "decoupled weight decay", valid="[0, inf)")
     lr_scheduler: str = option(
         "constant",
         "learning-rate schedule (all after warmup_steps of linear warm-up)",
@@ -185,15 +243,25 @@ class TrainConfig:
     )
     warmup_steps: int = option(0, "steps of linear warm-up at the start")
     lr_cycles: int = option(1, "restarts of cosine_with_restarts")
-    lr_power: float = option(1.0, "power of the polynomial schedule")
-    max_grad_norm: float = option(1.0, "clip gradients to this norm; 0 turns clipping off")
-    loss_type: str = option("l2", "l2, or pseudo-Huber (robust to outliers)", ("l2", "huber"))
-    huber_c: float = option(0.1, "the Huber loss's c: where it turns from quadratic to linear")
-    min_snr_gamma: float | None = option(
-        None, "min-SNR loss weighting with this gamma (Hang et al. 2023; 5 is usual); off if unset"
+    lr_power: float = option(1.0, "power of the polynomial schedule", valid="(0, inf)")
+    max_grad_norm: float = option(
+        1.0, "clip gradients to this norm; 0 turns clipping off", valid="[0, inf)"
     )
-    noise_offset: float = option(0.0, "offset-noise strength (0.05-0.1 helps very dark/bright)")
-    input_perturbation: float = option(0.0, "input perturbation of the noise (Ning et al. 2023)")
+    loss_type: str = option("l2", "l2, or pseudo-Huber (robust to outliers)", ("l2", "huber"))
+    huber_c: float = option(
+        0.1, "the Huber loss's c: where it turns from quadratic to linear", valid="(0, inf)"
+    )
+    min_snr_gamma: float | None = option(
+        None,
+        "min-SNR loss weighting with this gamma (Hang et al. 2023; 5 is usual); off if unset",
+        valid="(0, inf)",
+    )
+    noise_offset: float = option(
+        0.0, "offset-noise strength (0.05-0.1 helps very dark/bright)", valid="[0, inf)"
+    )
+    input_perturbation: float = option(
+        0.0, "input perturbation of the noise (Ning et al. 2023)", valid="[0, inf)"
+    )
     zero_terminal_snr: bool = option(
         False, "rescale the noise schedule to zero SNR at the last step (Lin et al. 2023)"
     )
@@ -217,8 +285,12 @@ class TrainConfig:
         "attention kernels: PyTorch's fused SDPA, or xformers (CUDA, must be installed)",
         ("sdpa", "xformers"),
     )
-    prior_loss_weight: float = option(1.0, "weight of the class-image (prior) loss")
-    ema_decay: float = option(0.0, "EMA of the adapter weights with this decay; 0 turns it off")
+    prior_loss_weight: float = option(
+        1.0, "weight of the class-image (prior) loss", valid="[0, inf)"
+    )
+    ema_decay: float = option(
+        0.0, "EMA of the adapter weights with this decay; 0 turns it off", valid="[0, 1)"
+    )
     on_nonfinite: str = option(
         "stop", "on a NaN/Inf loss or gradient: stop the run, or skip that step", ("stop", "skip")
     )
@@ -338,10 +410,7 @@ def _coerce_tables(key: str, value: Any, cls: type) -> list:
     """A list of tables (data.sources): a YAML list, or on the command line one YAML string
     such as `[{dir: a, repeats: 2}, {dir: b}]`. Each table is as strict as a section."""
     if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value)
-        except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer too long to read
-            raise SdtuneError(f"{key} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        value = _load_yaml_text(value, key)
     if not isinstance(value, list):
         raise SdtuneError(f"{key} must be a list of tables like [{{dir: a}}], got {value!r}")
     hints, tables = typing.get_type_hints(cls), []
@@ -373,6 +442,27 @@ def _set_option(cfg: RunConfig, key: str, value: Any) -> None:
     if choices and coerced is not None and coerced not in choices:
         raise SdtuneError(f"{key} must be one of {', '.join(choices)}; got {coerced!r}")
     setattr(getattr(cfg, section), name, coerced)
+
+
+def _load_yaml_text(text: str, where: str) -> Any:
+    """Parse a recipe or a YAML override value; every way it can be unreadable is one line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SdtuneError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        reason = str(exc).split(";")[0].splitlines()[0][:200]
+        raise SdtuneError(f"{where} holds a number too long to read ({reason})") from None
+    except RecursionError:
+        raise SdtuneError(f"{where} nests lists or tables too deeply to read") from None
+
+
+def _set_option_checked(cfg: RunConfig, key: str, value: Any) -> None:
+    """`_set_option`, with a value nested too deeply to look at refused in one line."""
+    try:
+        _set_option(cfg, key, value)
+    except RecursionError:
+        raise SdtuneError(f"{key}: the value nests lists or tables too deeply") from None
 
 
 def _flatten(data: Any, source: str) -> dict[str, Any]:
@@ -418,17 +508,15 @@ def load_config(
         if not path.is_file():
             raise SdtuneError(f"config file '{path}' does not exist")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise SdtuneError(
                 f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
             ) from None
-        except yaml.YAMLError as exc:
-            raise SdtuneError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        for key, value in _flatten(data, str(path)).items():
-            _set_option(cfg, key, value)
+        for key, value in _flatten(_load_yaml_text(text, str(path)), str(path)).items():
+            _set_option_checked(cfg, key, value)
     for key, value in (overrides or {}).items():
-        _set_option(cfg, key, value)
+        _set_option_checked(cfg, key, value)
     from sdtune.config_checks import validate_config
 
     validate_config(cfg)
@@ -457,8 +545,8 @@ def format_options() -> str:
         default = f.default
         if default is dataclasses.MISSING:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        choices = f.metadata.get("choices")
-        extra = f" [{'|'.join(choices)}]" if choices else ""
+        choices, valid = f.metadata.get("choices"), f.metadata.get("valid")
+        extra = f" [{'|'.join(choices)}]" if choices else (f" in {valid.text}" if valid else "")
         lines.append(f"  {key:<38} {_type_name(tp):<14} default {default!r}{extra}")
         lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)

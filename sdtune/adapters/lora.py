@@ -1,10 +1,13 @@
-"""Which modules get a LoRA, and the peft configs that say so."""
+"""Which modules get a LoRA, and the peft configs that say so.
+
+Target specs are resolved without importing peft or torch, so a recipe's targets are checked
+before anything loads (sdtune.config_checks); only `build_lora_config` needs peft.
+"""
 
 from __future__ import annotations
 
 import re
-
-from peft import LoraConfig
+from typing import Any
 
 from sdtune.errors import SdtuneError
 
@@ -42,10 +45,14 @@ def resolve_targets(spec: str, presets: dict[str, list[str]], key: str) -> list[
         pattern = spec[3:]
         try:
             re.compile(pattern)
-        except re.error as exc:
+        except (re.error, RecursionError, OverflowError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise SdtuneError(
-                f"{key}: '{pattern}' is not a valid regular expression ({exc})"
+                f"{key}: {_short(pattern)!r} is not a valid regular expression ({reason}); "
+                f"use re:<regex>, a preset ({', '.join(presets)}) or module names"
             ) from None
+        if not pattern:
+            raise SdtuneError(f"{key}: re: needs a regular expression after it, e.g. re:.*attn2.*")
         return pattern
     names = [name.strip() for name in spec.split(",") if name.strip()]
     if not names:
@@ -54,6 +61,16 @@ def resolve_targets(spec: str, presets: dict[str, list[str]], key: str) -> list[
             "or comma-separated module names"
         )
     return names
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_list(items: list[str], shown: int = 8) -> str:
+    """`a, b, c, ... (12 more)`: a list for a one-line message."""
+    head = ", ".join(items[:shown])
+    return head if len(items) <= shown else f"{head}, ... ({len(items) - shown} more)"
 
 
 def resolve_unet_targets(spec: str) -> list[str] | str:
@@ -71,8 +88,10 @@ def build_lora_config(
     targets: list[str] | str,
     use_dora: bool = False,
     init: str = "gaussian",
-) -> LoraConfig:
+) -> Any:
     """A peft LoraConfig; B starts at zero so the adapted model starts equal to the base."""
+    from peft import LoraConfig
+
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -92,9 +111,30 @@ def matched_modules(model, targets: list[str] | str) -> list[str]:
 
 
 def check_targets_matched(model, targets: list[str] | str, what: str, presets: dict) -> None:
-    """Fail naming the targets when none of them matched a module (peft's own error is vaguer)."""
-    if not matched_modules(model, targets):
-        raise SdtuneError(
-            f"no {what} module matches the LoRA targets {targets}; "
-            f"valid presets: {', '.join(presets)}"
-        )
+    """Fail in one line when a target matches no module (peft ignores names that match
+    nothing, and its own error when none match is vaguer), naming modules that exist."""
+    if isinstance(targets, str):
+        unmatched = [] if matched_modules(model, targets) else [f"re:{targets}"]
+    else:
+        unmatched = [t for t in targets if not matched_modules(model, [t])]
+    if not unmatched:
+        return
+    from collections import Counter
+
+    import torch
+
+    def kind(name: str) -> str:  # to_q, conv1; to_out.0 and ff.net.2 keep their index
+        parts = name.split(".")
+        return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+    counts = Counter(
+        kind(name)
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in name
+    )
+    kinds = [k for k, _ in counts.most_common()]  # the commonest first: attention, ResNets
+    raise SdtuneError(
+        f"no {what} module matches the LoRA target{'s' if len(unmatched) > 1 else ''} "
+        f"{_short(', '.join(unmatched))}; use a preset ({', '.join(presets)}), re:<regex>, or "
+        f"module names such as {short_list(kinds)}"
+    )

@@ -14,6 +14,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RECIPE|KEY=VALUE",
         help="the training recipe and overrides, as for `sdtune train` (data is not read)",
     )
+    parser.add_argument(
+        "--device",
+        default=None,
+        choices=("cuda", "cpu"),
+        help="where the run will train (default: this machine's GPU, else a CUDA GPU with bf16)",
+    )
+    parser.add_argument(
+        "--gpu", default=None, metavar="SIZE", help="the target GPU's memory, e.g. 24GB"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,12 +37,20 @@ def run(args: argparse.Namespace) -> int:
         device_memory_line,
         estimate_memory,
         format_estimate,
+        precision_on,
         resolve_family_name,
+        resolve_target,
     )
 
+    target = resolve_target(args.device, args.gpu)
+    asked = cfg.train.mixed_precision
+    cfg.train.mixed_precision = precision_on(asked, target)
+    resolved = f" -> {cfg.train.mixed_precision}" if asked == "auto" else ""
+    print(f"assuming {target.description}: train.mixed_precision={asked}{resolved}")
     quiet_progress_bars()
     family = resolve_family_name(cfg)
-    estimate = estimate_memory(cfg)
+    # CUDA autocast keeps normalisations in fp32; CPU autocast runs them in half precision.
+    estimate = estimate_memory(cfg, fp32_norms=target.kind == "cuda")
     t, d = cfg.train, cfg.data
     title = (
         f"{family}, {d.resolution} px, batch {t.batch_size}, {t.mixed_precision}, "
@@ -41,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
         f", latents {'cached' if d.cache_latents else 'encoded each step'}"
     )
     print(format_estimate(estimate, title))
-    line, _ = device_memory_line(estimate)
+    line, _ = device_memory_line(estimate, target)
     print(line)
     return 0

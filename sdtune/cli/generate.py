@@ -46,6 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=(75, 150, 225),
         help="prompt tokens: 75, or 150/225 in windows (default: as the adapter was trained)",
     )
+    parser.add_argument(
+        "--zero-terminal-snr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sample for zero terminal SNR: rescaled schedule, trailing timesteps, guidance "
+        "rescale (default: as the adapter was trained)",
+    )
+    parser.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=None,
+        help="rescale guidance by this phi in [0, 1] (default 0.7 with zero terminal SNR)",
+    )
     _add_speed_arguments(parser)
 
 
@@ -135,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         snapshots=parse_numbers(args.snapshots, float, "--snapshots"),
         max_token_length=args.max_token_length,
+        zero_terminal_snr=args.zero_terminal_snr,
+        guidance_rescale=args.guidance_rescale,
     )
     for path in paths:
         print(path)

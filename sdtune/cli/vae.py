@@ -39,12 +39,24 @@ def run(args: argparse.Namespace) -> int:
         print("latents", "x".join(str(n) for n in encoding.mean.shape[1:]))
     elif args.vae_command == "decode":
         image = tools.decode_to_image(vae, tools.load_latents(args.latents).latents())
-        params = GenerationParams(prompt=f"decoded {Path(args.latents).name}", model=args.model)
+        params = GenerationParams(
+            prompt=f"decoded {Path(args.latents).name}",
+            width=image.width,
+            height=image.height,
+            model=args.model,
+            mode="vae decode",
+        )
         print(save_png(image, args.out, params, stem=Path(args.latents).stem))
     else:
         report, image = tools.reconstruction_report(vae, args.image)
         print(report.format_table())
         if args.out:
-            params = GenerationParams(prompt=f"VAE round trip of {Path(args.image).name}")
+            params = GenerationParams(
+                prompt=f"VAE round trip of {Path(args.image).name}",
+                width=image.width,
+                height=image.height,
+                model=args.model,
+                mode="vae roundtrip",
+            )
             print(save_png(image, args.out, params, stem=f"{Path(args.image).stem}-roundtrip"))
     return 0

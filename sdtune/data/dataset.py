@@ -31,10 +31,11 @@ logger = logging.getLogger("sdtune.data")
 
 
 class ImageCaptionDataset(Dataset):
-    """Samples repeated `repeats` times; crops and flips seeded per item, captions per epoch too.
+    """Samples repeated `repeats` times; crops, flips and captions seeded per item and epoch.
 
-    Crops and flips come from `seed` and the item index (the same every epoch); caption
-    augmentation comes from (seed, epoch, item index), see the module docstring. An image that
+    Random crops, flips and caption augmentation come from (seed, epoch, item index), see the
+    module docstring: an image flips and crops afresh each epoch, and a resumed run redraws
+    exactly what the uninterrupted run drew. An image that
     decoded at scan time but fails now (deleted, overwritten) is replaced by the next good item,
     logged once and recorded in `failed`; the replacement is deterministic.
     """
@@ -91,7 +92,7 @@ class ImageCaptionDataset(Dataset):
         epoch, index = divmod(index, len(self))
         position = self.sample_index(index)
         sample, image = self._load_with_fallback(position)
-        rng = random.Random(self.seed * 1_000_003 + index)
+        rng = view_rng(self.seed, epoch, index)
         if size is None and self.buckets is not None:
             size = self.buckets[position]
         if size is None:
@@ -126,6 +127,11 @@ class ImageCaptionDataset(Dataset):
         raise SdtuneError(
             f"none of the {n} dataset images decodes any more (first: {self.samples[0].image_path})"
         )
+
+
+def view_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The random stream of one item's crop and flip in one epoch (apart from its caption's)."""
+    return random.Random(f"view:{seed}:{epoch}:{index}")
 
 
 def _round_layout(repeats: Sequence[int]) -> torch.Tensor:

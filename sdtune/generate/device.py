@@ -9,6 +9,8 @@ pipelines, which hand the VAE tensors of the U-Net's dtype, need no change.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -47,10 +49,11 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
     return dtype
 
 
-def keep_vae_in_fp32(vae: Any) -> None:
-    """Run the VAE in fp32 inside a half-precision pipeline (see the module docstring)."""
+def keep_vae_in_fp32(vae: Any) -> list:
+    """Run the VAE in fp32 inside a half-precision pipeline (see the module docstring); returns
+    the hooks' handles (`vae_in_fp32` removes them again)."""
     if getattr(vae, "_sdtune_fp32", False):
-        return
+        return []
 
     def cast_in(module: Any, args: tuple) -> tuple:
         return tuple(a.float() if torch.is_tensor(a) else a for a in args)
@@ -63,14 +66,31 @@ def keep_vae_in_fp32(vae: Any) -> None:
         return output.to(vae.encoder._sdtune_in_dtype)
 
     vae.to(torch.float32)
-    vae.encoder.register_forward_pre_hook(remember_dtype)
+    handles = [vae.encoder.register_forward_pre_hook(remember_dtype)]
     if vae.quant_conv is not None:
-        vae.quant_conv.register_forward_hook(cast_back)
+        handles.append(vae.quant_conv.register_forward_hook(cast_back))
     else:
-        vae.encoder.register_forward_hook(cast_back)
+        handles.append(vae.encoder.register_forward_hook(cast_back))
     first_decode = vae.post_quant_conv if vae.post_quant_conv is not None else vae.decoder
-    first_decode.register_forward_pre_hook(cast_in)
+    handles.append(first_decode.register_forward_pre_hook(cast_in))
     vae._sdtune_fp32 = True
+    return handles
+
+
+@contextmanager
+def vae_in_fp32(vae: Any) -> Iterator[None]:
+    """`keep_vae_in_fp32` for the length of a `with` block: afterwards the VAE is back in its
+    own dtype (fp16 -> fp32 -> fp16 is exact) and the hooks are gone."""
+    dtype = vae.dtype
+    handles = keep_vae_in_fp32(vae)
+    try:
+        yield
+    finally:
+        if handles:
+            for handle in handles:
+                handle.remove()
+            vae._sdtune_fp32 = False
+            vae.to(dtype)
 
 
 def use_sdpa_attention(unet: Any) -> None:

@@ -24,6 +24,8 @@ class GenerationResult:
     images: list[Any]  # PIL images, or (H, W, 3) float arrays with output_type="np"
     seeds: list[int]
     snapshots: list[list[Image.Image]] = field(default_factory=list)
+    scheduler: Any = None  # the scheduler that drew them (named in the PNG text)
+    guidance_rescale: float = 0.0  # applied, where the mode's pipeline takes it
 
 
 def mode_pipeline(pipe: Any, mode: Mode) -> Any:
@@ -72,6 +74,8 @@ def _pipeline_kwargs(pipe: Any, req: GenerationRequest, seeds: list[int]) -> dic
             value = [value] * n
         if value is not None:
             kwargs[keyword] = value
+    if req.effective_guidance_rescale and takes_guidance_rescale(pipe):
+        kwargs["guidance_rescale"] = req.effective_guidance_rescale
     if req.mode == "inpaint":  # inpainting defaults to the U-Net's size, not the image's
         kwargs["width"], kwargs["height"] = req.image.size
     if req.max_token_length > 75:  # long prompts: encoded in windows, the way training did
@@ -82,6 +86,13 @@ def _pipeline_kwargs(pipe: Any, req: GenerationRequest, seeds: list[int]) -> dic
         )
         kwargs["prompt"] = kwargs["negative_prompt"] = None
     return kwargs
+
+
+def takes_guidance_rescale(pipe: Any) -> bool:
+    """Whether the pipeline rescales guidance (diffusers' text-to-image pipeline does)."""
+    import inspect
+
+    return "guidance_rescale" in inspect.signature(type(pipe).__call__).parameters
 
 
 def _with_snapshots(pipe: Any, kwargs: dict, recorder: SnapshotRecorder) -> dict:
@@ -103,4 +114,5 @@ def run_request(pipe: Any, req: GenerationRequest) -> GenerationResult:
             kwargs = _with_snapshots(pipe, kwargs, recorder)
         images.extend(list(pipe(**kwargs).images))
         snapshots.extend(recorder.decode(pipe) or [[] for _ in seeds])
-    return GenerationResult(images=images, seeds=list(req.seeds), snapshots=snapshots)
+    rescale = req.effective_guidance_rescale if takes_guidance_rescale(pipe) else 0.0
+    return GenerationResult(list(images), list(req.seeds), snapshots, pipe.scheduler, rescale)

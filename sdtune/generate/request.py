@@ -21,7 +21,8 @@ class GenerationRequest:
     """One generation job for any mode; fields a mode does not use are ignored by it.
 
     Each image depends only on its own seed (one generator per image), so `batch_size` trades
-    memory for speed without changing what is drawn (up to float rounding of batched kernels).
+    memory for speed without changing what is drawn up to the rounding of batched kernels: at most
+    1/255 in a few values of a PNG (tests/generate/test_outputs_and_options.py holds the bound).
     """
 
     prompt: str = ""
@@ -44,10 +45,23 @@ class GenerationRequest:
     # Prompt tokens the text encoder sees: 75 (one window, the pipeline's own encoding), or
     # 150/225 in windows of 75 as in training with data.max_token_length (sdtune.data.prompts).
     max_token_length: int = 75
+    # Sampling for a model trained with zero terminal SNR (Lin et al. 2023): the rescaled
+    # schedule with trailing timesteps, and guidance rescaled by `guidance_rescale` (None: 0.7
+    # with zero terminal SNR, else off; text-to-image only, the other pipelines lack it).
+    zero_terminal_snr: bool = False
+    guidance_rescale: float | None = None
 
     @property
     def mode_spec(self) -> Mode:
         return get_mode(self.mode)
+
+    @property
+    def effective_guidance_rescale(self) -> float:
+        if self.guidance_rescale is not None:
+            return self.guidance_rescale
+        from sdtune.generate.schedulers import ZERO_TERMINAL_SNR_GUIDANCE_RESCALE
+
+        return ZERO_TERMINAL_SNR_GUIDANCE_RESCALE if self.zero_terminal_snr else 0.0
 
 
 def seeds_for(seed: int = 0, num_images: int = 1, seeds: list[int] | None = None) -> list[int]:
@@ -75,6 +89,8 @@ def check_numbers(req: GenerationRequest) -> None:
         raise SdtuneError(f"--noise-level must be between 0 and 350, got {req.noise_level}")
     if req.max_token_length not in MAX_TOKEN_LENGTHS:
         raise SdtuneError(f"--max-token-length must be 75, 150 or 225, got {req.max_token_length}")
+    if req.guidance_rescale is not None and not 0.0 <= req.guidance_rescale <= 1.0:
+        raise SdtuneError(f"--guidance-rescale must be in [0, 1], got {req.guidance_rescale}")
     if req.output_type not in ("pil", "np"):
         raise SdtuneError(f"output_type must be 'pil' or 'np', got '{req.output_type}'")
     for fraction in req.snapshots:

@@ -59,6 +59,15 @@ def trained_max_token_length(adapters: list[tuple[str, float]]) -> int:
     return 75
 
 
+def trained_zero_terminal_snr(adapters: list[tuple[str, float]]) -> bool:
+    """Whether the first sdtune adapter that says so was trained with zero terminal SNR."""
+    for path, _ in adapters:
+        value = read_adapter_metadata(resolve_adapter_path(path)).get("zero_terminal_snr")
+        if value is not None:
+            return value == "true"
+    return False
+
+
 def _check_mode_before_loading(mode: str, model: str | None, family: str | None) -> None:
     """A bad mode, or one the model's family cannot run, fails before the weights load
     (a folder's family is read from its configs alone)."""
@@ -83,13 +92,16 @@ def generate(pipe: Any, request: GenerationRequest) -> GenerationResult:
     family = detect_family(pipe).name
     request = prepare_request(request, family)
     target = mode_pipeline(pipe, request.mode_spec)
-    if request.scheduler is not None:
-        from sdtune.generate.schedulers import set_scheduler
+    if request.scheduler is not None or request.zero_terminal_snr:
+        from sdtune.generate.schedulers import set_scheduler, use_zero_terminal_snr
 
         if target is pipe:
             target = type(pipe).from_pipe(pipe)
             target.set_progress_bar_config(disable=True)
-        set_scheduler(target, request.scheduler)
+        if request.scheduler is not None:
+            set_scheduler(target, request.scheduler)
+        if request.zero_terminal_snr:
+            use_zero_terminal_snr(target, request.scheduler)
     return run_request(target, request)
 
 
@@ -120,20 +132,34 @@ def load_base(
     return pipe
 
 
-def _params(pipe: Any, req: GenerationRequest, model: str, adapters: list, seed: int, image):
-    from sdtune.generate.schedulers import scheduler_label
+def build_generation_params(
+    pipe: Any,
+    req: GenerationRequest,
+    result: GenerationResult,
+    model: str,
+    adapters: list,
+    index: int,
+) -> GenerationParams:
+    """The PNG parameters of image `index` of `result`, drawn by `generate(pipe, req)`."""
+    from sdtune.generate.schedulers import a1111_name_of
 
-    sampler, schedule = scheduler_label(pipe, req.scheduler)
+    sampler, schedule = a1111_name_of(result.scheduler or pipe.scheduler)
+    image = result.images[index]
     uses_strength = "strength" in dict(req.mode_spec.arguments)
-    mask = req.mask
+    mask, extra = req.mask, {}
+    if req.zero_terminal_snr:  # A1111's name and value for this noise schedule
+        extra = {"Noise Schedule": "Zero Terminal SNR", "Timestep spacing": "trailing"}
+    if result.guidance_rescale:
+        extra["CFG Rescale"] = f"{result.guidance_rescale:g}"
+    height, width = _image_size(image)
     return GenerationParams(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,
         steps=req.steps,
         guidance_scale=req.guidance_scale,
-        seed=seed,
-        width=image.width,
-        height=image.height,
+        seed=result.seeds[index],
+        width=width,
+        height=height,
         scheduler=sampler,
         model=str(model),
         adapters=adapters,
@@ -145,7 +171,15 @@ def _params(pipe: Any, req: GenerationRequest, model: str, adapters: list, seed:
         dtype=str(pipe.unet.dtype).removeprefix("torch.")
         if pipe.unet.dtype != torch.float32
         else "",
+        extra=extra,
     )
+
+
+def _image_size(image: Any) -> tuple[int, int]:
+    """(height, width) of a PIL image or an (H, W, 3) array."""
+    if hasattr(image, "size") and not hasattr(image, "shape"):
+        return image.height, image.width
+    return int(image.shape[0]), int(image.shape[1])
 
 
 def save_result(
@@ -160,13 +194,17 @@ def save_result(
     prefix = "" if req.mode == "txt2img" else f"{req.mode}-"
     paths = []
     for i, (seed, image) in enumerate(zip(result.seeds, result.images, strict=True)):
-        params = _params(pipe, req, model, adapters, seed, image)
+        params = build_generation_params(pipe, req, result, model, adapters, i)
         paths.append(save_png(image, out_dir, params, stem=f"{prefix}seed{seed}"))
         if result.snapshots and result.snapshots[i]:
             strip = make_strip([*result.snapshots[i], image])
+            shown = {"Snapshots": ", ".join(f"{f:g}" for f in req.snapshots)}
+            params = replace(params, extra={**params.extra, **shown})
             paths.append(save_png(strip, out_dir, params, stem=f"{prefix}seed{seed}-snapshots"))
     if len(result.images) > 1:
-        paths.append(save_grid(result.images, out_dir, stem=f"{prefix}grid-seed{result.seeds[0]}"))
+        first = build_generation_params(pipe, req, result, model, adapters, 0)
+        stem = f"{prefix}grid-seed{result.seeds[0]}"
+        paths.append(save_grid(result.images, out_dir, stem, first))
     return paths
 
 
@@ -194,7 +232,8 @@ def generate_to_folder(
 ) -> list[Path]:
     """Load, generate and save; returns the written paths. `request_fields` are further
     `GenerationRequest` fields: image, mask, depth_map, strength, noise_level, scheduler,
-    snapshots, max_token_length (default: what the first adapter was trained with). `mode`
+    snapshots, max_token_length and zero_terminal_snr (default for both: what the first adapter
+    was trained with), guidance_rescale. `mode`
     defaults to the family's first (txt2img; inpaint for inpainting models)."""
     from sdtune.models.families import detect_family
 
@@ -209,6 +248,13 @@ def generate_to_folder(
             logger.info(
                 "prompts encoded in windows up to %d tokens, as the adapter was trained",
                 request_fields["max_token_length"],
+            )
+    if request_fields.get("zero_terminal_snr") is None:
+        request_fields["zero_terminal_snr"] = trained_zero_terminal_snr(adapters)
+        if request_fields["zero_terminal_snr"]:
+            logger.info(
+                "zero terminal SNR, as the adapter was trained: trailing timesteps and "
+                "rescaled guidance (--no-zero-terminal-snr turns it off)"
             )
     req = GenerationRequest(
         prompt=prompt,

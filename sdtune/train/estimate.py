@@ -382,27 +382,82 @@ def _simulate_step(pipe, cfg: RunConfig, dtype: torch.dtype, in_channels: int):
     return saved, tracker.peak, grads
 
 
-def device_memory_line(estimate: MemoryEstimate) -> tuple[str, bool]:
-    """A line comparing the estimate with this machine's GPU, and whether it does not fit."""
-    if not torch.cuda.is_available():
-        return "no GPU found: nothing to compare the estimate with", False
-    free, total = torch.cuda.mem_get_info()
-    name = torch.cuda.get_device_name()
+@dataclass(frozen=True)
+class TargetDevice:
+    """The machine a run is estimated for: an estimate is for the GPU the run will train on,
+    which need not be the machine that runs the estimate."""
+
+    kind: str  # "cuda" or "cpu"
+    description: str
+    memory_bytes: int | None = None  # the GPU's memory, when known
+    bf16: bool = True  # what mixed_precision=auto means there: bf16 if it has it, else fp16
+    here: bool = False  # this machine's own GPU (free memory can be read)
+
+
+def parse_memory_size(text: str) -> int:
+    """`24GB`, `24G`, `24GiB`, `80` (GiB) or `12288MB` in bytes; GPUs sold as "24 GB" hold
+    24 GiB."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(gi?b?|mi?b?)?\s*", text.lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise SdtuneError(f"--gpu takes a memory size such as 24GB or 16GiB; got '{text}'")
+    unit = 2**20 if (match.group(2) or "g").startswith("m") else GIB
+    return int(float(match.group(1)) * unit)
+
+
+def resolve_target(device: str | None = None, gpu: str | None = None) -> TargetDevice:
+    """The target from `--device` / `--gpu`; without them this machine's GPU, or, on a machine
+    without one, a CUDA GPU with bf16 (any since Ampere) of unknown memory."""
+    if device not in (None, "cuda", "cpu"):
+        raise SdtuneError(f"--device must be cuda or cpu; got '{device}'")
+    if device == "cpu":
+        if gpu is not None:
+            raise SdtuneError("--gpu describes a CUDA GPU; drop it or --device cpu")
+        return TargetDevice("cpu", "the CPU")
+    if gpu is not None:
+        size = parse_memory_size(gpu)
+        return TargetDevice("cuda", f"a CUDA GPU with {size / GIB:.1f} GiB and bf16", size)
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        name = torch.cuda.get_device_name()
+        bf16 = torch.cuda.is_bf16_supported()
+        return TargetDevice("cuda", f"this machine's {name}", total, bf16, here=True)
+    return TargetDevice("cuda", "a CUDA GPU with bf16 (none here: --gpu 24GB says which)")
+
+
+def precision_on(value: str, target: TargetDevice) -> str:
+    """train.mixed_precision on the target: `auto` as the run would resolve it there."""
+    if value != "auto":
+        return value
+    if target.kind == "cpu":
+        return "no"
+    return "bf16" if target.bf16 else "fp16"
+
+
+def device_memory_line(estimate: MemoryEstimate, target: TargetDevice) -> tuple[str, bool]:
+    """A line comparing the estimate with the target GPU's memory, and whether it does not fit."""
     need = estimate.total / GIB
+    if target.memory_bytes is None:
+        what = "the CPU" if target.kind == "cpu" else "the target GPU"
+        return f"{what}'s memory is unknown: pass --gpu 24GB to compare", False
+    total = target.memory_bytes
+    name = target.description
     if estimate.total > total:
         return (
             f"warning: predicted peak {need:.2f} GiB exceeds {name}'s {total / GIB:.1f} GiB; "
             "try train.gradient_checkpointing=true, train.optimizer=adamw8bit, "
             "data.cache_latents=true or a smaller train.batch_size"
         ), True
-    return f"fits {name}: {total / GIB:.1f} GiB in all, {free / GIB:.1f} GiB free now", False
+    free = f", {torch.cuda.mem_get_info()[0] / GIB:.1f} GiB free now" if target.here else ""
+    return f"fits {name}: {total / GIB:.1f} GiB in all{free}", False
 
 
 def log_predicted_peak(cfg: RunConfig, family: str) -> None:
     """One line at the start of a GPU run; an estimate that fails never stops training."""
     try:
         estimate = estimate_memory(cfg, build_meta_pipeline(family))
-        line, _ = device_memory_line(estimate)
+        line, _ = device_memory_line(estimate, resolve_target())
     except Exception as exc:  # the estimate is advice; the run itself is what matters
         logger.info("memory estimate unavailable (%s)", exc)
         return

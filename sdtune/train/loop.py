@@ -9,7 +9,6 @@ same data order, same random draws, same weights as a run that was never interru
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from sdtune.train.objectives import (
 from sdtune.train.optim import build_optimizer
 from sdtune.train.outputs import prepare_output_dir
 from sdtune.train.prior import ensure_class_images, scan_class_images
+from sdtune.train.reporting import StepLoss, format_duration, log_step, progress_bar
 from sdtune.train.sampling import save_samples
 from sdtune.train.saving import (
     adapter_info,
@@ -191,7 +191,7 @@ def train(cfg: RunConfig) -> TrainResult:
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        log_with=trackers(cfg.output.log_with),
+        log_with=trackers(cfg.output.log_with) or None,  # none: no tracker, no warning
         project_dir=str(out),
     )
     if accelerator.is_main_process:
@@ -329,22 +329,26 @@ def run_steps(run: Run) -> float:
     """Train until max_steps; returns the last logged loss."""
     cfg, acc, progress = run.cfg, run.accelerator, run.progress
     last_loss, started, images = float("nan"), time.perf_counter(), 0
+    step_loss = StepLoss()  # the micro-batches of the optimizer step under way
     first_step = progress.step
     run.unet.train()
     run.text_encoder.train(cfg.lora.train_text_encoder)
     run.sampler.set_epoch(progress.epoch)
     run.sampler.skip_next(progress.batch_in_epoch * cfg.train.batch_size)
-    bar = _progress_bar(run)
+    bar = progress_bar(run)
     while progress.step < cfg.train.max_steps:
         for batch in run.loader:
             progress.batch_in_epoch += 1
             try:
                 loss, grad_norm = _micro_step(run, batch)
             except _SkipStep:
+                step_loss = StepLoss()
                 continue
             images += len(batch["draws"])
+            step_loss.add(loss, len(batch["draws"]))
             if not acc.sync_gradients:
                 continue
+            loss, step_loss = step_loss.mean(), StepLoss()
             progress.step += 1
             bar.update(1)
             if run.ema is not None:
@@ -363,7 +367,7 @@ def run_steps(run: Run) -> float:
                 progress.step % cfg.train.log_every_n_steps == 0
                 or progress.step == cfg.train.max_steps
             ):
-                last_loss = _log_step(run, loss, grad_norm, images / elapsed, left_s)
+                last_loss = log_step(run, loss, grad_norm, images / elapsed, left_s)
                 bar.set_postfix(loss=f"{last_loss:.4f}")
             _maybe_checkpoint_and_sample(run)
             if progress.step >= cfg.train.max_steps:
@@ -373,20 +377,6 @@ def run_steps(run: Run) -> float:
             progress.batch_in_epoch = 0
     bar.close()
     return last_loss
-
-
-def _progress_bar(run: Run):
-    """A bar with loss, speed and time left, on the main process of an interactive run."""
-    from tqdm.auto import tqdm
-
-    interactive = sys.stderr.isatty() and run.accelerator.is_main_process
-    return tqdm(
-        total=run.cfg.train.max_steps,
-        initial=run.progress.step,
-        unit="step",
-        disable=not interactive,
-        dynamic_ncols=True,
-    )
 
 
 def _micro_step(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -425,37 +415,6 @@ def _guard_finite(run: Run, value: torch.Tensor, what: str) -> None:
 
 class _SkipStep(Exception):
     pass
-
-
-def format_duration(seconds: float) -> str:
-    """12s, 3m05s, 1h02m: short enough for a log line."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _log_step(run: Run, loss, grad_norm, images_per_s: float, left_s: float) -> float:
-    acc, step = run.accelerator, run.progress.step
-    value = acc.gather(loss.detach()).mean().item()
-    logs = {"loss": value, "lr": run.lr_scheduler.get_last_lr()[0], "images_per_s": images_per_s}
-    if grad_norm is not None:
-        logs["grad_norm"] = float(grad_norm)
-    if torch.cuda.is_available():
-        logs["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    acc.log(logs, step=step)
-    logger.info(
-        "step %d/%d  loss %.4f  lr %.2e  %.1f img/s  %s left",
-        step,
-        run.cfg.train.max_steps,
-        value,
-        logs["lr"],
-        images_per_s,
-        format_duration(left_s),
-    )
-    return value
 
 
 def _maybe_checkpoint_and_sample(run: Run) -> None:

@@ -13,14 +13,21 @@ from sdtune.errors import SdtuneError
 
 logger = logging.getLogger("sdtune.train")
 
+CLASS_IMAGE_STEPS = 25  # denoising steps of each drawn class image (sdtune generate's default)
+
 
 def ensure_class_images(pipe, cfg: RunConfig, is_main_process: bool) -> int:
     """Generate class images until `data.num_class_images` exist; returns how many were made.
 
     New files get fresh names (class-00012.png); nothing already in the folder is touched.
     """
-    from sdtune.generate.outputs import GenerationParams, save_png
-    from sdtune.generate.txt2img import generate_images
+    import torch
+
+    from sdtune.generate.engine import run_request
+    from sdtune.generate.outputs import save_png
+    from sdtune.generate.request import GenerationRequest
+    from sdtune.generate.run import build_generation_params
+    from sdtune.train.sampling import generation_precision
 
     folder, d = Path(cfg.data.class_dir), cfg.data
     have = (
@@ -34,19 +41,18 @@ def ensure_class_images(pipe, cfg: RunConfig, is_main_process: bool) -> int:
     logger.info("drawing %d class images for '%s' into %s", missing, d.class_prompt, folder)
     size, seed0 = d.resolution, cfg.train.seed + len(have)
     for k in range(missing):
-        image = generate_images(
-            pipe, d.class_prompt, steps=25, seed=seed0 + k, width=size, height=size
-        )[0]
-        params = GenerationParams(
+        # What `sdtune generate --model BASE --seed S --dtype <training precision>` draws.
+        request = GenerationRequest(
             prompt=d.class_prompt,
-            steps=25,
-            seed=seed0 + k,
+            steps=CLASS_IMAGE_STEPS,
+            seeds=[seed0 + k],
             width=size,
             height=size,
-            scheduler=type(pipe.scheduler).__name__,
-            model=cfg.model.path,
         )
-        save_png(image, folder, params, stem=f"class-{len(have) + k:05d}")
+        with torch.no_grad(), generation_precision(pipe, pipe.unet.dtype):
+            result = run_request(pipe, request)
+            params = build_generation_params(pipe, request, result, cfg.model.path, [], 0)
+        save_png(result.images[0], folder, params, stem=f"class-{len(have) + k:05d}")
     return missing
 
 

@@ -325,8 +325,15 @@ def build_objective(cfg: RunConfig, scheduler) -> Objective:
     if cfg.train.zero_terminal_snr:
         alphas_cumprod = compute_zero_terminal_snr(alphas_cumprod)
     t = cfg.train
+    prediction_type = t.prediction_type or scheduler.config.prediction_type
+    if t.zero_terminal_snr and prediction_type == "epsilon":
+        raise SdtuneError(
+            "train.zero_terminal_snr=true needs v-prediction (at SNR 0 the noise is the input, "
+            "so an epsilon model learns nothing it can sample from; Lin et al. 2023): set "
+            "train.prediction_type=v_prediction or use a v-prediction model such as sd2-v"
+        )
     return Objective(
-        prediction_type=t.prediction_type or scheduler.config.prediction_type,
+        prediction_type=prediction_type,
         alphas_cumprod=alphas_cumprod,
         noise_offset=t.noise_offset,
         input_perturbation=t.input_perturbation,

@@ -54,3 +54,19 @@ def test_dataset_items_are_square_tensors_in_range(tmp_path):
     assert item["pixel_values"].shape == (3, 32, 32)
     assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
     assert (dataset[1]["pixel_values"] == item["pixel_values"]).all()  # seeded per index
+
+
+def test_random_crops_and_flips_change_with_the_epoch_and_repeat_within_it(tmp_path):
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (96, 64), "white")
+    ImageDraw.Draw(image).rectangle((0, 0, 30, 63), fill="red")  # not symmetric: flips show
+    image.save(tmp_path / "a.png")
+    samples = scan_image_folder(tmp_path).samples
+    dataset = ImageCaptionDataset(
+        samples, resolution=32, center_crop=False, random_flip=True, seed=3
+    )
+    views = [dataset[epoch * len(dataset)]["pixel_values"] for epoch in range(8)]
+    assert len({v.numpy().tobytes() for v in views}) > 1  # not the same view every epoch
+    for epoch, view in enumerate(views):  # the same (seed, epoch, item): the same view
+        assert (dataset[epoch * len(dataset)]["pixel_values"] == view).all()

@@ -194,3 +194,102 @@ def test_string_options_accept_the_word_none():
     assert cfg.output.log_with == "none"
     assert load_config(None, {**REQUIRED, "lora.text_encoder_rank": "none"}) is not None
     assert typing.get_type_hints(type(cfg.output))["log_with"] is str
+
+
+def _is_float_option(tp) -> bool:
+    return tp is float or float in typing.get_args(tp)
+
+
+FLOAT_OPTIONS = sorted(key for key, (_, tp) in OPTIONS.items() if _is_float_option(tp))
+
+
+def test_every_float_option_declares_its_range_once():
+    import dataclasses
+
+    from sdtune.config import SourceConfig
+
+    hints = typing.get_type_hints(SourceConfig)
+    source_floats = [f for f in dataclasses.fields(SourceConfig) if _is_float_option(hints[f.name])]
+    undeclared = [key for key in FLOAT_OPTIONS if OPTIONS[key][0].metadata.get("valid") is None]
+    undeclared += [
+        f"data.sources[].{f.name}" for f in source_floats if f.metadata.get("valid") is None
+    ]
+    assert FLOAT_OPTIONS and not undeclared
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400", "-1e400"])
+@pytest.mark.parametrize("key", FLOAT_OPTIONS)
+def test_every_float_option_refuses_nan_and_infinities(key, value):
+    exc = _outcome({key: value})
+    assert exc is not None, (key, value)
+    _assert_one_line_naming(exc, key)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "1.5", "-0.1"])
+def test_float_ranges_hold_inside_data_sources(value):
+    exc = _outcome({"data.dir": "", "data.sources": f"[{{dir: a, tag_dropout: {value}}}]"})
+    assert exc is not None
+    _assert_one_line_naming(exc, "data.sources[0].tag_dropout")
+
+
+DEEP = "[" * 3000 + "]" * 3000
+
+
+def _cli_command(*argv: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "sdtune.cli.main", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["train", "model.path=m", "data.dir=d", f"data.sources={DEEP}"], "too deeply"),
+        (["data", "inspect", "model.path=m", "data.dir=d", f"data.sources={DEEP}"], "too deeply"),
+        (["train", "model.path=m", "data.dir=d", "train.seed=-1"], "train.seed"),
+        (["train", "model.path=m", "data.dir=d", "train.seed=4294967296"], "train.seed"),
+        (["train", "model.path=m", "data.dir=d", "output.sample_seed=-3"], "output.sample_seed"),
+        (["train", "model.path=m", "data.dir=d", "train.learning_rate=inf"], "learning_rate"),
+        (["train", "model.path=m", "data.dir=d", "lora.alpha=nan"], "lora.alpha"),
+        (["train", "model.path=m", "data.dir=d", "train.noise_offset=inf"], "noise_offset"),
+        (["train", "model.path=m", "data.dir=d", "lora.unet_targets="], "lora.unet_targets"),
+        (["train", "model.path=m", "data.dir=d", "lora.unet_targets=re:["], "regular expression"),
+        (["train", "model.path=m", "data.dir=d", "lora.unet_targets=re:"], "lora.unet_targets"),
+        (
+            [
+                "train",
+                "model.path=m",
+                "data.dir=d",
+                "lora.train_text_encoder=true",
+                "lora.text_encoder_targets=re:((",
+            ],
+            "lora.text_encoder_targets",
+        ),
+    ],  # fmt: skip
+)
+def test_cli_bad_items_exit_2_with_one_line_before_loading(argv, fragment):
+    _assert_cli_one_line(_cli_command(*argv), fragment)
+
+
+@pytest.mark.parametrize("command", [["train"], ["data", "inspect"]])
+def test_cli_recipes_too_deep_or_with_huge_integers_are_one_line(tmp_path, command):
+    (tmp_path / "huge.yaml").write_text(f"train:\n  seed: {'9' * 5000}\n", encoding="utf-8")
+    _assert_cli_one_line(_cli_command(*command, str(tmp_path / "huge.yaml")), "huge.yaml")
+    (tmp_path / "deep.yaml").write_text(f"data:\n  sources: {DEEP}\n", encoding="utf-8")
+    _assert_cli_one_line(_cli_command(*command, str(tmp_path / "deep.yaml")), "deep.yaml")
+
+
+def test_cli_lora_target_no_module_has_is_one_line_naming_real_ones(
+    tiny_sd1_dir, star_images, tmp_path
+):
+    proc = _cli_command(
+        "train", f"model.path={tiny_sd1_dir}", f"data.dir={star_images}", "data.resolution=32",
+        f"output.dir={tmp_path / 'out'}", "output.log_with=none", "lora.unet_targets=to_q,nope",
+    )  # fmt: skip
+    _assert_cli_one_line(proc, "LoRA target nope;", "module names such as", "to_q", "more)")

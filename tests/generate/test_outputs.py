@@ -28,12 +28,12 @@ def test_png_carries_a1111_parameters_and_never_overwrites(tmp_path):
         "CFG scale: 7",
         "Seed: 42",
         "Size: 64x64",
-        "Lora: style.safetensors:0.8",
+        'Lora: "style.safetensors:0.8"',  # quoted: it holds a colon
     ):
         assert field in text
 
 
 def test_grid_tiles_images(tmp_path):
     images = [Image.new("RGB", (8, 8), c) for c in ("red", "green", "blue")]
-    grid = Image.open(save_grid(images, tmp_path, "grid", columns=2))
+    grid = Image.open(save_grid(images, tmp_path, "grid", GenerationParams("x"), columns=2))
     assert grid.size == (16, 16) and grid.getpixel((12, 4)) == (0, 128, 0)

@@ -182,3 +182,52 @@ def test_estimate_is_within_15_percent_of_the_cuda_peak():
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - before
     assert estimate.activations + estimate.backward == pytest.approx(measured, rel=0.15)
+
+
+def test_the_readme_estimate_line_prints_what_the_readme_says(capsys):
+    """The README quotes one `sdtune estimate` command and its total: they must agree."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from sdtune.cli.main import main
+
+    readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    command, total = re.search(
+        r"`(sdtune estimate [^`]+)` prints a total of ([0-9.]+) GiB", readme
+    ).groups()
+    assert main(shlex.split(command)[1:]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("assuming a CUDA GPU with bf16") or torch.cuda.is_available()
+    assert re.search(rf"^total\s+{re.escape(total)}\s", out, re.M), out
+
+
+def test_the_target_device_decides_what_auto_means_and_what_it_is_compared_with(capsys):
+    from sdtune.cli.main import main
+    from sdtune.train.estimate import (
+        MemoryEstimate,
+        device_memory_line,
+        parse_memory_size,
+        precision_on,
+        resolve_target,
+    )
+
+    assert precision_on("auto", resolve_target("cpu")) == "no"
+    assert precision_on("auto", resolve_target("cuda", "24GB")) == "bf16"
+    assert precision_on("fp16", resolve_target("cuda", "24GB")) == "fp16"  # explicit stays
+    if not torch.cuda.is_available():
+        assert precision_on("auto", resolve_target()) == "bf16"  # an estimate is for a GPU
+    assert [parse_memory_size(s) for s in ("24GB", "24 GiB", "80", "512MB")] == [
+        24 * 2**30,
+        24 * 2**30,
+        80 * 2**30,
+        512 * 2**20,
+    ]
+    three = MemoryEstimate(2**30, 2**30, 0, 2**30, 0)
+    line, too_big = device_memory_line(three, resolve_target("cuda", "2GB"))
+    assert too_big and line.startswith("warning: predicted peak 3.00 GiB exceeds")
+    line, too_big = device_memory_line(three, resolve_target("cuda", "24GB"))
+    assert not too_big and line.startswith("fits a CUDA GPU with 24.0 GiB")
+    assert main(["estimate", "--gpu", "lots", "model.family=sd1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--gpu takes a memory size" in err
