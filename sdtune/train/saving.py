@@ -6,6 +6,7 @@ of an adapter, EMA or training state again before it is saved."""
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,30 +80,39 @@ def restore_checkpoint(run, folder: Path, state: dict | None = None) -> None:
 def save_final_files(run, draw_samples: Callable[[], Path]) -> Path:
     """The adapter, its EMA, sample images, the kohya file, the model card and the config,
     staged in `.final-tmp/` and moved into the run folder once all are complete."""
-    acc, cfg, out = run.accelerator, run.cfg, run.out
+    acc, out = run.accelerator, run.out
     acc.wait_for_everyone()
     path = out / ckpt.ADAPTER_FILE
     if acc.is_main_process:
         staging = begin_final_files(out)
-        staged = _write_adapter(run, staging)
-        if run.ema is not None:
-            with run.ema.swapped_in():
-                _write_adapter(run, staging, EMA_FILE_NAME)
-        samples = [draw_samples()] if cfg.output.sample_prompts else []
-        info = adapter_info(cfg, run.pipe, run.family, run.progress.step)
-        if cfg.output.export_kohya:
-            from sdtune.adapters.export import export_kohya
-
-            name = f"{out.name}.safetensors"
-            export_kohya(staged, staging / name, run.family.name, overwrite=True, base=run.pipe)
-            logger.info("kohya/A1111 file %s", out / name)
-        write_model_card(staging, info, [p.relative_to(out) for p in samples], title=out.name)
-        save_config(cfg, staging / CONFIG_FILE)
+        try:
+            _stage_final_files(run, staging, draw_samples)
+        except SdtuneError:
+            shutil.rmtree(staging, ignore_errors=True)  # the folder keeps its earlier state
+            raise
         commit_final_files(out)
         logger.info("saved adapter %s", path)
         logger.info("model card %s", out / "README.md")
     acc.wait_for_everyone()
     return path
+
+
+def _stage_final_files(run, staging: Path, draw_samples: Callable[[], Path]) -> None:
+    cfg, out = run.cfg, run.out
+    staged = _write_adapter(run, staging)
+    if run.ema is not None:
+        with run.ema.swapped_in():
+            _write_adapter(run, staging, EMA_FILE_NAME)
+    samples = [draw_samples()] if cfg.output.sample_prompts else []
+    info = adapter_info(cfg, run.pipe, run.family, run.progress.step)
+    if cfg.output.export_kohya:
+        from sdtune.adapters.export import export_kohya
+
+        name = f"{out.name}.safetensors"
+        export_kohya(staged, staging / name, run.family.name, overwrite=True, base=run.pipe)
+        logger.info("kohya/A1111 file %s", out / name)
+    write_model_card(staging, info, [p.relative_to(out) for p in samples], title=out.name)
+    save_config(cfg, staging / CONFIG_FILE)
 
 
 def check_weights_finite(run, step: int) -> None:
