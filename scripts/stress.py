@@ -5,9 +5,11 @@
 Builds a tiny SD 1 model and a small image set in a temporary folder, trains once without
 interruption through the CLI, then for each round trains the same run again and kills it with
 SIGKILL several times: at a random moment (during a step, a checkpoint, start-up), the moment a
-checkpoint's temporary folder appears, or from inside the checkpoint writer half-way through the
-state file. After each kill every checkpoint left must read back, and none may have gone that
-was there before (unless rotation replaced it with a newer one); `train.resume=latest` then
+checkpoint's temporary folder appears, or from inside the run: half-way through the state file,
+half-way through deleting an old checkpoint (pruning), or half-way through moving the final
+files into place. After each kill every checkpoint left must read back, none may have gone that
+was there before (unless rotation replaced it with a newer one), no half-deleted or half-written
+folder may count as complete, and the next start must leave no such folder; `train.resume=latest` then
 continues, until the run completes, and its adapter must equal the uninterrupted one bit for
 bit. Bad-input rounds feed random configs, images, captions and adapter files to the library
 (anything other than an SdtuneError is a crash) and a random bad override to the CLI (exit 2,
@@ -32,24 +34,42 @@ from pathlib import Path
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 ADAPTER = "pytorch_lora_weights.safetensors"
 
-# Run the CLI with the checkpoint writer patched to die (SIGKILL, no clean-up) half-way
-# through the state file of the checkpoint at step >= argv[1].
+# Run the CLI patched to die (SIGKILL, no clean-up) from inside: `state` half-way through the
+# state file of the checkpoint at step >= argv[2]; `prune` half-way through deleting an old
+# checkpoint (its adapter gone, the rest there); `final` after the first of the final files
+# was moved into place.
 HOOK = """
-import os, signal, sys
+import os, shutil, signal, sys
 import sdtune.train.checkpoint as c
 from sdtune.cli.main import main
-at, real = int(sys.argv[1]), c.torch.save
+mode, at = sys.argv[1], int(sys.argv[2])
+real_save, real_rmtree, real_replace = c.torch.save, shutil.rmtree, os.replace
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
 def dying_save(obj, path, *a, **k):
-    if obj["progress"]["step"] >= at:
-        real(obj, path, *a, **k)
+    if mode == "state" and obj["progress"]["step"] >= at:
+        real_save(obj, path, *a, **k)
         size = os.path.getsize(path)
         with open(path, "r+b") as f:
             f.truncate(size // 2)
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(obj, path, *a, **k)
-c.torch.save = dying_save
-sys.exit(main(sys.argv[2:]))
+        die()
+    return real_save(obj, path, *a, **k)
+def dying_rmtree(path, *a, **k):
+    if mode == "prune" and os.path.basename(path).startswith(".pruning-"):
+        os.unlink(os.path.join(path, "pytorch_lora_weights.safetensors"))
+        die()
+    return real_rmtree(path, *a, **k)
+moved = []
+def dying_replace(src, dst):
+    if mode == "final" and "/.final-tmp/" in str(src) and "/.final-tmp/" not in str(dst):
+        if moved:
+            die()
+        moved.append(dst)
+    return real_replace(src, dst)
+c.torch.save, shutil.rmtree, os.replace = dying_save, dying_rmtree, dying_replace
+sys.exit(main(sys.argv[3:]))
 """
+LEFTOVER_PREFIXES = (".tmp-", ".pruning-")  # a torn write, a half-done delete
 
 
 @dataclass
@@ -60,6 +80,10 @@ class Tally:
     equal: int = 0
     compared: int = 0
     files_lost: int = 0
+    during_prune: int = 0
+    during_final: int = 0
+    half_deleted_left: int = 0  # leftovers of a kill still there after the next run
+    counted_complete: int = 0  # torn or half-deleted folders that a lister took as complete
     crashes: int = 0
     bad_inputs: int = 0
 
@@ -84,10 +108,22 @@ def train_args(model: Path, data: Path, out: Path, steps: int, *extra: str) -> l
     ]
 
 
-def cli(args: list[str], hook_step: int | None = None) -> list[str]:
-    if hook_step is None:
+def cli(args: list[str], hook: tuple[str, int] | None = None) -> list[str]:
+    if hook is None:
         return [sys.executable, "-m", "sdtune.cli.main", *args]
-    return [sys.executable, "-c", HOOK, str(hook_step), *args]
+    return [sys.executable, "-c", HOOK, hook[0], str(hook[1]), *args]
+
+
+def torn_folders(out: Path) -> int:
+    """Folders a kill left that the next run must clean up: torn writes, half-done deletes,
+    `step-*` folders missing a file, staged final files."""
+    from sdtune.train.checkpoint import is_complete
+    from sdtune.train.outputs import FINAL_STAGING
+
+    folder = out / "checkpoints"
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    left = sum(n.startswith(LEFTOVER_PREFIXES) for n in names) + (out / FINAL_STAGING).exists()
+    return left + sum(n.startswith("step-") and not is_complete(folder / n) for n in names)
 
 
 def checkpoint_state(out: Path) -> dict[int, bool]:
@@ -120,11 +156,11 @@ def start_args(out: Path, base: list[str]) -> list[str]:
 
 def kill_once(out: Path, base: list[str], rng: random.Random, timing, tally: Tally) -> bool:
     """Start the run and kill it somewhere; True if it finished before the kill came."""
-    mode = rng.choice(["time", "time", "write", "hook"])
+    mode = rng.choice(["time", "time", "write", "state", "prune", "final"])
     args = start_args(out, base)
     hook = None
-    if mode == "hook":
-        hook = rng.randint(1, timing["steps"] - 1)
+    if mode in ("state", "prune", "final"):
+        hook = (mode, rng.randint(1, timing["steps"] - 1))
     proc = subprocess.Popen(
         cli(args, hook), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -157,8 +193,11 @@ def kill_once(out: Path, base: list[str], rng: random.Random, timing, tally: Tal
     from safetensors.torch import load_file
 
     tally.kill_points += 1
-    tally.during_write += tmp_seen or mode == "hook"
+    tally.during_write += tmp_seen or mode == "state"
+    tally.during_prune += mode == "prune"
+    tally.during_final += mode == "final"
     after = checkpoint_state(out)
+    tally.counted_complete += sum(not ok for ok in after.values())  # listed, but torn
     newest_before = max((s for s, ok in before.items() if ok), default=0)
     lost = sum(not ok for ok in after.values())
     if max((s for s, ok in after.items() if ok), default=0) < newest_before:
@@ -219,6 +258,7 @@ def training_rounds(args, model: Path, data: Path, work: Path, rng: random.Rando
             if not finished:
                 print(f"  resume failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
         tally.compared += 1
+        tally.half_deleted_left += torn_folders(out)
         if finished and (out / ADAPTER).is_file():
             got = load_file(str(out / ADAPTER))
             same = got.keys() == reference.keys() and all(
@@ -328,15 +368,18 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     print(
-        f"({tally.during_write} of the kills during a checkpoint write; "
+        f"({tally.during_write} of the kills during a checkpoint write, {tally.during_prune} "
+        f"during pruning, {tally.during_final} during the final write; "
         f"{tally.bad_inputs} bad inputs tried)"
     )
     print(
         f"runs {tally.runs}, kill points {tally.kill_points}, resumed equal to uninterrupted "
-        f"{tally.equal}/{tally.compared}, files lost {tally.files_lost}, "
+        f"{tally.equal}/{tally.compared}, files lost {tally.files_lost}, half-deleted folders "
+        f"left {tally.half_deleted_left}, counted complete {tally.counted_complete}, "
         f"crashes on bad input {tally.crashes}"
     )
     ok = tally.equal == tally.compared and not tally.files_lost and not tally.crashes
+    ok = ok and not tally.half_deleted_left and not tally.counted_complete
     return 0 if ok else 1
 
 

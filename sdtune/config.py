@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, quote
 
 
 @dataclass(frozen=True)
@@ -377,7 +377,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         # A YAML list, or on the command line one string with items separated by "|".
         items = value.split("|") if isinstance(value, str) else value
         if not isinstance(items, list):
-            raise SdtuneError(f"{key} must be a list (YAML list, or a|b|c), got {value!r}")
+            raise SdtuneError(f"{key} must be a list (YAML list, or a|b|c), got {quote(value)}")
         return [_coerce(key, item, typing.get_args(base)[0]) for item in items if item != ""]
     try:
         if base is bool:
@@ -402,7 +402,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise SdtuneError(f"{key} must be {_type_name(tp)}, got {value!r}") from None
+        raise SdtuneError(f"{key} must be {_type_name(tp)}, got {quote(value)}") from None
     raise SdtuneError(f"{key}: unsupported option type {tp}")
 
 
@@ -412,16 +412,16 @@ def _coerce_tables(key: str, value: Any, cls: type) -> list:
     if isinstance(value, str):
         value = _load_yaml_text(value, key)
     if not isinstance(value, list):
-        raise SdtuneError(f"{key} must be a list of tables like [{{dir: a}}], got {value!r}")
+        raise SdtuneError(f"{key} must be a list of tables like [{{dir: a}}], got {quote(value)}")
     hints, tables = typing.get_type_hints(cls), []
     for i, table in enumerate(value):
         where = f"{key}[{i}]"
         if not isinstance(table, dict):
-            raise SdtuneError(f"{where} must be a table (key: value, ...), got {table!r}")
+            raise SdtuneError(f"{where} must be a table (key: value, ...), got {quote(table)}")
         for name in table:
             if name not in hints:
                 raise SdtuneError(
-                    f"unknown key {name!r} in {where}{_closest(str(name), list(hints))}"
+                    f"unknown key {quote(name)} in {where}{_closest(str(name), list(hints))}"
                 )
         tables.append(cls(**{n: _coerce(f"{where}.{n}", v, hints[n]) for n, v in table.items()}))
     return tables
@@ -431,23 +431,23 @@ def _set_option(cfg: RunConfig, key: str, value: Any) -> None:
     all_keys = [k for k, _, _ in iter_options()]
     parts = key.split(".")
     if len(parts) != 2 or parts[0] not in SECTIONS:
-        raise SdtuneError(f"unknown config key {key!r}{_closest(key, all_keys)}")
+        raise SdtuneError(f"unknown config key {quote(key)}{_closest(key, all_keys)}")
     section, name = parts
     options = {f.name: (f, tp) for k, f, tp in iter_options() if k.startswith(section + ".")}
     if name not in options:
-        raise SdtuneError(f"unknown config key {key!r}{_closest(key, all_keys)}")
+        raise SdtuneError(f"unknown config key {quote(key)}{_closest(key, all_keys)}")
     f, tp = options[name]
     coerced = _coerce(key, value, tp)
     choices = f.metadata.get("choices")
     if choices and coerced is not None and coerced not in choices:
-        raise SdtuneError(f"{key} must be one of {', '.join(choices)}; got {coerced!r}")
+        raise SdtuneError(f"{key} must be one of {', '.join(choices)}; got {quote(coerced)}")
     setattr(getattr(cfg, section), name, coerced)
 
 
 def _load_yaml_text(text: str, where: str) -> Any:
     """Parse a recipe or a YAML override value; every way it can be unreadable is one line."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text, where)  # the safe loader, refusing aliases
     except yaml.YAMLError as exc:
         raise SdtuneError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except ValueError as exc:  # an integer of more digits than Python converts
@@ -480,13 +480,37 @@ def _flatten(data: Any, source: str) -> dict[str, Any]:
     return flat
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML without aliases: `*name` can repeat a value without bound ("billion laughs": a
+    few hundred bytes that expand to gigabytes), and a recipe has no need for it."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise SdtuneError(
+                f"{self.source}: YAML aliases (*name) are not allowed in recipes "
+                f"(line {mark.line + 1}); write the value out in full"
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """`text` read as YAML by the safe loader, refusing aliases; `source` names it in errors."""
+    loader = _RecipeLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """Parse `section.key=value` strings; the value stays a string until it is coerced."""
     parsed: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise SdtuneError(f"override '{item}' is not of the form section.key=value")
+            raise SdtuneError(f"override {quote(item)} is not of the form section.key=value")
         parsed[key.strip()] = value
     return parsed
 

@@ -4,10 +4,11 @@ got and what would be right. Kept apart from sdtune.config, which declares the o
 from __future__ import annotations
 
 import dataclasses
+import string
 from typing import Any
 
 from sdtune.config import DataConfig, RunConfig, SourceConfig, iter_options
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, quote
 
 # accelerate's set_seed seeds numpy too, which takes 0 <= seed < 2**32
 MAX_SEED = 2**32 - 1
@@ -98,6 +99,7 @@ def validate_config(cfg: RunConfig) -> None:
     _check_lora_targets(cfg)
     for i, source in enumerate(cfg.data.sources):
         _validate_source(source, f"data.sources[{i}]")
+    check_caption_options(cfg)
     if cfg.data.shuffle_buffer < 1:
         raise SdtuneError(
             f"data.shuffle_buffer must be at least 1; got {cfg.data.shuffle_buffer!r}"
@@ -184,3 +186,53 @@ def _validate_source(source: SourceConfig, where: str) -> None:
 def _current(cfg: RunConfig, key: str) -> Any:
     section, name = key.split(".")
     return getattr(getattr(cfg, section), name)
+
+
+CAPTION_FIELDS = ("trigger", "name")  # what data.caption_template can fill in
+
+
+def check_caption_options(cfg: RunConfig) -> None:
+    """A caption extension that is not an image's, and templates with only known fields."""
+    tables = [("data", cfg.data)] + [
+        (f"data.sources[{i}]", s) for i, s in enumerate(cfg.data.sources)
+    ]
+    for where, table in tables:
+        if table.caption_ext is not None:
+            check_caption_ext(table.caption_ext, f"{where}.caption_ext")
+        if table.caption_template is not None:
+            check_caption_template(table.caption_template, f"{where}.caption_template")
+
+
+def check_caption_ext(ext: str, key: str) -> None:
+    from sdtune.data.images import IMAGE_EXTENSIONS
+
+    if not ext.startswith(".") or len(ext) < 2:
+        raise SdtuneError(f"{key} must be an extension such as .txt; got {quote(ext)}")
+    if ext.lower() in IMAGE_EXTENSIONS:
+        raise SdtuneError(
+            f"{key} is {quote(ext)}, an image extension: each image would be read as its own "
+            "caption; use the captions' extension, such as .txt or .caption"
+        )
+
+
+def check_caption_template(template: str, key: str) -> None:
+    """Only `{trigger}` and `{name}` (with an optional format spec) may appear."""
+    known = " and ".join(f"{{{f}}}" for f in CAPTION_FIELDS)
+    try:
+        fields = [
+            (name, conversion, spec)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
+    except ValueError as exc:
+        raise SdtuneError(
+            f"{key} {quote(template)} is not a valid template ({exc}); only {known} are "
+            "filled in, write {{ and }} for literal braces"
+        ) from None
+    for name, conversion, spec in fields:
+        if name not in CAPTION_FIELDS or conversion or "{" in (spec or ""):
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + "}"
+            raise SdtuneError(
+                f"{key} {quote(template)} uses {quote(shown)[1:-1]}; only {known} are "
+                "filled in, write {{ and }} for literal braces"
+            )

@@ -14,3 +14,22 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     """A library exception's message cut to one short line, to quote inside an SdtuneError."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def quote(value: object, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters, to quote a user's value inside a message."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
+def pickle_refusal(exc: BaseException) -> str | None:
+    """The reason torch's weights-only unpickler gave for refusing an object, or None when
+    `exc` is not such a refusal (a torn file, say). torch's own text advises rerunning with
+    `weights_only=False`; only its reason is kept."""
+    text = str(exc)
+    if "weights only" not in text.lower() and "unsupported" not in text.lower():
+        return None
+    reasons = [line.strip() for line in text.splitlines() if "unsupported" in line.lower()]
+    return reasons[0][:200] if reasons else "an object other than tensors"

@@ -70,12 +70,17 @@ def build_model_card(info: dict, samples: list[Path] | None = None, title: str =
     return "\n".join(lines)
 
 
-def write_model_card(folder: Path, info: dict, samples: list[Path] | None = None) -> Path:
-    """Write `folder/README.md` (temporary name, then rename)."""
+def write_model_card(
+    folder: Path, info: dict, samples: list[Path] | None = None, title: str | None = None
+) -> Path:
+    """Write `folder/README.md` (temporary name, then rename), titled `title` or the folder's
+    name."""
     path = folder / "README.md"
     tmp = folder / "README.md.tmp"
     try:
-        tmp.write_text(build_model_card(info, samples, title=folder.name), encoding="utf-8")
+        tmp.write_text(
+            build_model_card(info, samples, title=title or folder.name), encoding="utf-8"
+        )
         tmp.replace(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

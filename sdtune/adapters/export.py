@@ -16,7 +16,12 @@ from pathlib import Path
 from sdtune import __version__
 from sdtune.adapters import formats
 from sdtune.adapters.formats import Layer
-from sdtune.adapters.io import METADATA_PREFIX, check_writable, write_safetensors
+from sdtune.adapters.io import (
+    METADATA_PREFIX,
+    check_writable,
+    resolve_adapter_path,
+    write_safetensors,
+)
 from sdtune.adapters.load import Adapter, family_modules, model_modules, read_adapter
 from sdtune.errors import SdtuneError
 
@@ -29,8 +34,8 @@ def base_model_version(family) -> str:
     return version + ("_v" if family.prediction_type == "v_prediction" else "")
 
 
-def infer_family(header: dict[str, str], adapter_family: str | None = None) -> str:
-    """The family an adapter file names: sdtune's header, kohya's ss_* fields, else its widths."""
+def named_family(header: dict[str, str]) -> str | None:
+    """The family an adapter file's header names (sdtune's key, else kohya's ss_* fields)."""
     named = header.get(METADATA_PREFIX + "family")
     if named:
         return named
@@ -39,6 +44,22 @@ def infer_family(header: dict[str, str], adapter_family: str | None = None) -> s
         return "sd2-v" if version.endswith("_v") else "sd2-base"
     if version.startswith("sd_v1"):
         return "sd1"
+    return None
+
+
+def same_base(first: str, second: str) -> bool:
+    """Whether two families share a base model (SD 1 vs 2, epsilon vs v), as kohya's
+    ss_base_model_version tells them apart: sd1 and sd1-inpaint do, sd1 and sd2-base do not."""
+    from sdtune.models.families import get_family
+
+    return base_model_version(get_family(first)) == base_model_version(get_family(second))
+
+
+def infer_family(header: dict[str, str], adapter_family: str | None = None) -> str:
+    """The family an adapter file names: sdtune's header, kohya's ss_* fields, else its widths."""
+    named = named_family(header)
+    if named:
+        return named
     if adapter_family == "sd2":
         return "sd2-base"
     if adapter_family == "sd1":
@@ -69,6 +90,8 @@ def read_for_family(
             family = infer_family(probe.header, probe.family)
         fam = get_family(family)
         modules = family_modules(fam.name)
+    if base is None:
+        _check_named_family(path, fam.name)
     adapter = read_adapter(path, modules)
     missing = sorted(m for m in adapter.layers if m not in modules)
     if missing:
@@ -86,6 +109,25 @@ def read_for_family(
             f"target family is {fam.name}; pass the adapter's own family"
         )
     return adapter, fam, modules
+
+
+def _check_named_family(path: str | Path, family: str) -> None:
+    """Refuse a `--family` that contradicts the family the file's header names."""
+    from safetensors import safe_open
+
+    from sdtune.models.families import FAMILIES
+
+    try:
+        with safe_open(str(resolve_adapter_path(path)), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - not readable here: read_adapter names the problem
+        return
+    named = named_family(header)
+    if named in FAMILIES and not same_base(named, family):
+        raise SdtuneError(
+            f"'{path}' says it is a {named} adapter but --family is {family}; --family is only "
+            "for files that do not say, so drop it"
+        )
 
 
 def _lora_only(adapter: Adapter) -> dict[str, Layer]:

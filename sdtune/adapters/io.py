@@ -72,7 +72,9 @@ def save_adapter(
 
 def _write_then_rename(state: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
     """Write `path.tmp`, then rename it to `path`; a failed write (disk full, no permission)
-    removes the partial file, leaves any earlier `path` as it was, and is a one-line error."""
+    removes the partial file, leaves any earlier `path` as it was, and is a one-line error.
+    A NaN or infinite value is never written: such a file is refused before anything is."""
+    check_finite(state, path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file(state, str(tmp), metadata=header)
@@ -83,6 +85,22 @@ def _write_then_rename(state: dict[str, torch.Tensor], path: Path, header: dict[
         raise SdtuneError(
             f"cannot write '{path}': {reason}; free space or fix permissions"
         ) from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse to write `path` if any floating-point tensor holds a NaN or an infinity."""
+    bad = {
+        key: int((~torch.isfinite(t)).sum())
+        for key, t in tensors.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    }
+    if bad:
+        key, count = next(iter(bad.items()))
+        total = sum(t.numel() for t in tensors.values())
+        raise SdtuneError(
+            f"not writing '{path}': {sum(bad.values()):,} of {total:,} values are NaN or "
+            f"infinite ({count:,} in {key}, {len(bad)} tensor(s) in all); the weights diverged"
+        )
 
 
 def read_adapter_metadata(path: str | Path) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +18,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The file, the output and the family name, checked before torch is imported."""
+    from sdtune.errors import SdtuneError
+    from sdtune.models.families import get_family
+
+    if not Path(args.file).exists():
+        raise SdtuneError(f"adapter '{args.file}' does not exist")
+    if Path(args.out).exists() and not args.overwrite:
+        raise SdtuneError(f"'{args.out}' already exists; pass --overwrite to replace it")
+    if args.family is not None:
+        get_family(args.family)
+
+
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     from sdtune.adapters.export import export_diffusers, export_kohya
 
     export = export_kohya if args.to == "kohya" else export_diffusers

@@ -18,10 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sdtune.data.report import describe_data
-
     recipe, overrides = split_command_items(args.items)
     overrides.setdefault("model.path", "(not needed)")  # the data report loads no model
-    cfg = load_config(recipe, overrides)
+    cfg = load_config(recipe, overrides)  # a config error is reported before heavy imports
+
+    from sdtune.data.report import describe_data
+
     print(describe_data(cfg))
     return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, quote
 
 MODES_HELP = "txt2img, img2img, inpaint, depth2img, upscale (default: the model's first)"
 SCHEDULERS_HELP = "ddim, pndm, lms, euler, euler-a, dpm++2m, dpm++2m-karras, unipc"
@@ -88,29 +90,69 @@ def _add_speed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
-    """`path` or `path:weight` (a Windows drive letter is not mistaken for a weight)."""
+    """`path` or `path:weight` (a Windows drive letter is not mistaken for a weight). A weight
+    that is not a finite number (nan, inf) is refused: it would only draw a black image."""
     path, sep, weight = spec.rpartition(":")
     if sep and path:
         try:
-            return path, float(weight)
+            value = float(weight)
         except ValueError:
-            pass
+            return spec, 1.0
+        if not math.isfinite(value):
+            raise SdtuneError(
+                f"--lora {quote(spec)}: the weight must be a finite number, e.g. {path}:0.8"
+            )
+        return path, value
     return spec, 1.0
 
 
 def parse_numbers(text: str | None, kind: type, flag: str) -> list:
-    """A comma-separated list of numbers, or a one-line error naming the flag."""
+    """A comma-separated list of finite numbers, or a one-line error naming the flag."""
     if not text:
         return []
+    example = "1,7,42" if kind is int else "0.25,0.5"
+    parts = text.split(",")
     try:
-        return [kind(part) for part in text.split(",") if part.strip()]
+        values = [kind(part) for part in parts if part.strip()]
     except ValueError:
+        values = None
+    if values is None or len(values) != len(parts) or not all(math.isfinite(v) for v in values):
         raise SdtuneError(
-            f"{flag} takes comma-separated numbers, e.g. 0.25,0.5; got '{text}'"
-        ) from None
+            f"{flag} takes comma-separated finite numbers, e.g. {example}; got {quote(text)}"
+        )
+    return values
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What can be checked before torch is imported: numbers, files, family and mode names."""
+    for flag, value in (("--guidance", args.guidance), ("--strength", args.strength)):
+        if not math.isfinite(value):
+            raise SdtuneError(f"{flag} must be a finite number; got {value}")
+    for spec in args.lora:
+        path = Path(parse_lora(spec)[0])
+        if not path.exists():
+            raise SdtuneError(f"--lora: adapter '{path}' does not exist")
+    for flag, value in (("--image", args.image), ("--mask", args.mask)):
+        if value is not None and not Path(value).is_file():
+            raise SdtuneError(f"{flag} '{value}' does not exist")
+    if args.depth_map is not None and not Path(args.depth_map).is_file():
+        raise SdtuneError(f"--depth-map '{args.depth_map}' does not exist")
+    if args.family is not None:
+        from sdtune.models.families import get_family
+
+        get_family(args.family)
+    if args.mode is not None:
+        from sdtune.generate.modes import get_mode
+
+        get_mode(args.mode)
 
 
 def run(args: argparse.Namespace) -> int:
+    adapters = [parse_lora(spec) for spec in args.lora]
+    seeds = parse_numbers(args.seeds, int, "--seeds")
+    snapshots = parse_numbers(args.snapshots, float, "--snapshots")
+    check_arguments(args)
+
     from sdtune.cli.main import quiet_progress_bars
     from sdtune.generate.run import SpeedOptions, generate_to_folder
 
@@ -121,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         model=args.model,
         family=args.family,
-        adapters=[parse_lora(spec) for spec in args.lora],
+        adapters=adapters,
         fuse=args.fuse,
         num_images=args.num_images,
         steps=args.steps,
@@ -132,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         device=args.device,
         mode=args.mode,
-        seeds=parse_numbers(args.seeds, int, "--seeds"),
+        seeds=seeds,
         batch_size=args.batch_size,
         speed=SpeedOptions(
             dtype=args.dtype,
@@ -146,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         strength=args.strength,
         noise_level=args.noise_level,
         scheduler=args.scheduler,
-        snapshots=parse_numbers(args.snapshots, float, "--snapshots"),
+        snapshots=snapshots,
         max_token_length=args.max_token_length,
         zero_terminal_snr=args.zero_terminal_snr,
         guidance_rescale=args.guidance_rescale,

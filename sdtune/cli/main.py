@@ -34,6 +34,9 @@ SUBCOMMANDS = {
 }
 
 
+MESSAGE_LIMIT = 500  # characters of an error line
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdtune", description="LoRA fine-tuning for Stable Diffusion 1.x and 2.x."
@@ -65,6 +68,13 @@ def quiet_progress_bars() -> None:
     diffusers_logging.disable_progress_bar()
 
 
+def one_line(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """An error message on one line of at most `limit` characters, however long the value it
+    quotes."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else f"{text[: limit - 30]}... ({len(text)} characters)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except SdtuneError as exc:
         if args.debug:
             raise
-        print(f"sdtune {args.command}: error: {exc}", file=sys.stderr)
+        print(f"sdtune {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -46,11 +46,17 @@ def run(args: argparse.Namespace) -> int:
         return _fuse(args, adapters)
     if not args.out:
         raise SdtuneError("pass --out for the merged adapter, or --base to fuse into a model")
-    from sdtune.adapters.export import read_for_family, write_layers
+    from sdtune.adapters.export import read_for_family, same_base, write_layers
     from sdtune.adapters.merge import merge_adapters, summarize
 
     read = [read_for_family(path, args.family) for path, _ in adapters]
     family = read[0][1]
+    for (path, _), (_, fam, _) in zip(adapters[1:], read[1:], strict=True):
+        if not same_base(fam.name, family.name):
+            raise SdtuneError(
+                f"cannot merge '{adapters[0][0]}' ({family.name}) with '{path}' ({fam.name}): "
+                "adapters of different model families; merge adapters of one family"
+            )
     layers, reports = merge_adapters(
         [(a, w) for (a, _, _), (_, w) in zip(read, adapters, strict=True)], args.rank
     )

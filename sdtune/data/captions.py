@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, quote
 
 logger = logging.getLogger("sdtune.data")
 
@@ -114,9 +114,9 @@ def build_caption(
     if raw is None:
         try:
             raw = template.format(trigger=trigger, name=image_path.stem)
-        except (KeyError, IndexError, ValueError) as exc:
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
             raise SdtuneError(
-                f"data.caption_template {template!r} cannot be filled ({exc!r}); "
+                f"data.caption_template {quote(template)} cannot be filled ({quote(exc)}); "
                 "only {trigger} and {name} are known, write {{ and }} for literal braces"
             ) from None
     caption = raw.strip()

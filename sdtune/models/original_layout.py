@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line, pickle_refusal
 from sdtune.models import ldm_keys
 from sdtune.models.families import (
     FAMILIES,
@@ -60,10 +60,12 @@ def _torch_load(path: Path, mmap: bool) -> dict:
     try:
         return _unwrap(torch.load(path, map_location="cpu", weights_only=True, mmap=mmap))
     except pickle.UnpicklingError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else "unsupported object"
+        reason = pickle_refusal(exc)
+        if reason is None:
+            raise SdtuneError(f"{path} cannot be read: {first_line(exc)}") from None
         raise SdtuneError(
-            f"{path}: refusing to unpickle: the file holds more than tensors ({reason}); "
-            "convert it to .safetensors on a machine where you trust it, or use a .safetensors file"
+            f"{path} holds code or objects other than tensors and was not loaded ({reason}); "
+            "use a .safetensors file, or convert this one on a machine where you trust it"
         ) from None
 
 

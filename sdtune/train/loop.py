@@ -9,6 +9,7 @@ same data order, same random draws, same weights as a run that was never interru
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,8 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from sdtune.adapters.card import write_model_card
-from sdtune.config import RunConfig, save_config
+from sdtune.config import RunConfig
 from sdtune.data.cache import LatentCache
 from sdtune.data.prompts import encode_token_windows
 from sdtune.data.text_cache import TextEmbeddingCache
@@ -38,15 +38,16 @@ from sdtune.train.objectives import (
     compute_target,
 )
 from sdtune.train.optim import build_optimizer
-from sdtune.train.outputs import prepare_output_dir
+from sdtune.train.outputs import prepare_output_dir, remove_leftovers, write_run_id
 from sdtune.train.prior import ensure_class_images, scan_class_images
 from sdtune.train.reporting import StepLoss, format_duration, log_step, progress_bar
+from sdtune.train.resume import load_resume_point
 from sdtune.train.sampling import save_samples
 from sdtune.train.saving import (
-    adapter_info,
+    check_weights_finite,
     restore_checkpoint,
-    save_adapter_files,
     save_checkpoint,
+    save_final_files,
 )
 from sdtune.train.setup import (
     Objective,
@@ -104,6 +105,7 @@ class Run:
     latent_cache: LatentCache | None = None  # VAE encodings on disk, when data.cache_latents
     text_cache: TextEmbeddingCache | None = None  # encoder outputs, data.cache_text_embeddings
     progress: Progress = field(default_factory=Progress)
+    run_id: str = ""  # recorded in the run folder and in every checkpoint
 
 
 def item_generators(seed: int, draws: list[int], device) -> list[torch.Generator]:
@@ -178,12 +180,14 @@ def _encode_text(run: Run, batch, device) -> torch.Tensor:
 def train(cfg: RunConfig) -> TrainResult:
     """Run the training described by `cfg` and save the adapter; see the module docstring."""
     # The run folder is made only after the model loaded, so a wrong model path leaves
-    # nothing behind that would block the retry.
+    # nothing behind that would block the retry. A resumed checkpoint is read and compared
+    # with `cfg` before that, so a foreign one costs no model load and changes no file.
     report = check_inputs(cfg)
     cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
+    resume = load_resume_point(cfg) if cfg.train.resume is not None else None
     pipe, family = load_base(cfg)
-    resuming = cfg.train.resume is not None
-    out = prepare_output_dir(cfg.output.dir, cfg.output.overwrite or resuming)
+    main = os.environ.get("RANK", "0") == "0"  # before the Accelerator: launchers set RANK
+    out = prepare_output_dir(cfg.output.dir, cfg.output.overwrite, resume is not None, main)
     _forget_earlier_runs()
     accelerator = Accelerator(
         # Without CUDA, `cpu=True` lets accelerate see the processes torchrun or
@@ -194,14 +198,17 @@ def train(cfg: RunConfig) -> TrainResult:
         log_with=trackers(cfg.output.log_with) or None,  # none: no tracker, no warning
         project_dir=str(out),
     )
+    run_id = ""
     if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
+        remove_leftovers(out)
+        run_id = write_run_id(out, resume.run_id if resume else None)
         logger.info("data: %s", report.summary())
         if torch.cuda.is_available():  # predicted peak memory, before the model moves there
             log_predicted_peak(cfg, family.name)
     run = prepare_run(cfg, accelerator, pipe, family, out, report)
-    if resuming:
-        restore_checkpoint(run, ckpt.resolve_resume(out, cfg.train.resume))
+    run.run_id = run_id
+    if resume is not None:
+        restore_checkpoint(run, resume.folder, resume.state)
     last_loss = run_steps(run)
     adapter_path = save_final(run)
     accelerator.end_training()
@@ -393,6 +400,8 @@ def _micro_step(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+        if acc.sync_gradients:  # a finite loss and gradient can still make an infinite update
+            check_weights_finite(run, run.progress.step + 1)
     return loss, grad_norm
 
 
@@ -439,28 +448,11 @@ def validate(run: Run) -> float:
 
 
 def save_final(run: Run) -> Path:
-    """The adapter (and its EMA), a sample image and the model card."""
+    """The adapter (and its EMA), a sample image, the model card and the config."""
     if run.validation is not None:
         validate(run)
     log_cache_totals(run)
-    path = save_adapter_files(run, run.out)
     pipe = run.pipe
     pipe.unet = run.accelerator.unwrap_model(run.unet, keep_torch_compile=False).eval()
     pipe.text_encoder = run.accelerator.unwrap_model(run.text_encoder).eval()
-    if run.accelerator.is_main_process:
-        samples = [save_samples(run, "final")] if run.cfg.output.sample_prompts else []
-        info = adapter_info(run.cfg, pipe, run.family, run.progress.step)
-        if run.cfg.output.export_kohya:
-            from sdtune.adapters.export import export_kohya
-
-            kohya = export_kohya(
-                path,
-                run.out / f"{run.out.name}.safetensors",
-                run.family.name,
-                overwrite=True,
-                base=pipe,
-            )
-            logger.info("kohya/A1111 file %s", kohya)
-        card = write_model_card(run.out, info, [p.relative_to(run.out) for p in samples])
-        logger.info("model card %s", card)
-    return path
+    return save_final_files(run, lambda: save_samples(run, "final"))

@@ -1,17 +1,26 @@
-"""Writing what a run makes: checkpoints (and reading them back) and the adapter files."""
+"""Writing what a run makes: checkpoints (and reading them back) and the adapter files.
+
+Nothing non-finite is written: the weights are checked after every update, and every tensor
+of an adapter, EMA or training state again before it is saved."""
 
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from sdtune.adapters.card import write_model_card
 from sdtune.adapters.io import save_adapter
 from sdtune.adapters.lora import resolve_unet_targets
-from sdtune.config import RunConfig, config_to_dict
+from sdtune.config import RunConfig, config_to_dict, save_config
+from sdtune.errors import SdtuneError
 from sdtune.train import checkpoint as ckpt
 from sdtune.train.checkpoint import Progress
+from sdtune.train.outputs import CONFIG_FILE, begin_final_files, commit_final_files
+from sdtune.train.resume import config_fingerprint
 
 logger = logging.getLogger("sdtune.train")
 
@@ -33,18 +42,27 @@ def save_checkpoint(run) -> Path | None:
             "ema": run.ema.state_dict() if run.ema is not None else None,
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "rng": ckpt.capture_rng_state(),
+            "run_id": run.run_id,
+            "config": config_to_dict(run.cfg),
+            "config_fingerprint": config_fingerprint(run.cfg),
         }
+
+        def write_files(folder: Path) -> None:
+            _write_adapter(run, folder)
+            save_config(run.cfg, folder / CONFIG_FILE)
+
         path = ckpt.save_checkpoint(
-            run.out, p.step, state, lambda d: _write_adapter(run, d), run.cfg.train.keep_checkpoints
+            run.out, p.step, state, write_files, run.cfg.train.keep_checkpoints
         )
         logger.info("checkpoint %s", path)
     acc.wait_for_everyone()
     return path
 
 
-def restore_checkpoint(run, folder: Path) -> None:
-    """Put every piece of saved state back, so the next step is the one that would have run."""
-    state = ckpt.load_training_state(folder)
+def restore_checkpoint(run, folder: Path, state: dict | None = None) -> None:
+    """Put every piece of saved state back, so the next step is the one that would have run.
+    `state` is the folder's training state when it was read already."""
+    state = state if state is not None else ckpt.load_training_state(folder)
     with torch.no_grad():
         for param, saved in zip(run.trainable, state["trainable"], strict=True):
             param.copy_(saved)
@@ -59,18 +77,56 @@ def restore_checkpoint(run, folder: Path) -> None:
     logger.info("resumed from %s at step %d", folder, run.progress.step)
 
 
-def save_adapter_files(run, folder: Path) -> Path:
-    acc = run.accelerator
+def save_final_files(run, draw_samples: Callable[[], Path]) -> Path:
+    """The adapter, its EMA, sample images, the kohya file, the model card and the config,
+    staged in `.final-tmp/` and moved into the run folder once all are complete."""
+    acc, out = run.accelerator, run.out
     acc.wait_for_everyone()
-    path = folder / "pytorch_lora_weights.safetensors"
+    path = out / ckpt.ADAPTER_FILE
     if acc.is_main_process:
-        path = _write_adapter(run, folder)
-        if run.ema is not None:
-            with run.ema.swapped_in():
-                _write_adapter(run, folder, EMA_FILE_NAME)
+        staging = begin_final_files(out)
+        try:
+            _stage_final_files(run, staging, draw_samples)
+        except SdtuneError:
+            shutil.rmtree(staging, ignore_errors=True)  # the folder keeps its earlier state
+            raise
+        commit_final_files(out)
         logger.info("saved adapter %s", path)
+        logger.info("model card %s", out / "README.md")
     acc.wait_for_everyone()
     return path
+
+
+def _stage_final_files(run, staging: Path, draw_samples: Callable[[], Path]) -> None:
+    cfg, out = run.cfg, run.out
+    staged = _write_adapter(run, staging)
+    if run.ema is not None:
+        with run.ema.swapped_in():
+            _write_adapter(run, staging, EMA_FILE_NAME)
+    samples = [draw_samples()] if cfg.output.sample_prompts else []
+    info = adapter_info(cfg, run.pipe, run.family, run.progress.step)
+    if cfg.output.export_kohya:
+        from sdtune.adapters.export import export_kohya
+
+        name = f"{out.name}.safetensors"
+        export_kohya(staged, staging / name, run.family.name, overwrite=True, base=run.pipe)
+        logger.info("kohya/A1111 file %s", out / name)
+    write_model_card(staging, info, [p.relative_to(out) for p in samples], title=out.name)
+    save_config(cfg, staging / CONFIG_FILE)
+
+
+def check_weights_finite(run, step: int) -> None:
+    """Stop at the update that made a LoRA weight NaN or infinite: nothing after it is saved."""
+    bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in run.trainable)
+    if not bad:
+        return
+    total = sum(p.numel() for p in run.trainable)
+    saved = ckpt.list_checkpoints(run.out)
+    raise SdtuneError(
+        f"the update of step {step} made {bad:,} of {total:,} LoRA weights non-finite; the run "
+        f"stopped and nothing from this step was saved (last checkpoint: "
+        f"{saved[-1] if saved else 'none'}); lower train.learning_rate"
+    )
 
 
 def _write_adapter(run, folder: Path, file_name: str | None = None) -> Path:

@@ -52,3 +52,20 @@ def test_a_config_error_is_reported_before_any_heavy_import():
     # A typo in an override fails at once, before the model stack is imported.
     [(_, heavy)] = heavy_modules_after(["estimate", "model.family=sd1", "train.batch_sise=2"])
     assert heavy == []
+
+
+def test_data_generate_and_convert_errors_come_before_any_heavy_import(tmp_path):
+    missing = str(tmp_path / "missing.safetensors")
+    lines = [
+        ["data", "inspect", "data.dir=d", "data.caption_ext=.png"],
+        ["generate", "--prompt", "x", "--guidance", "nan"],
+        ["generate", "--prompt", "x", "--seeds", "1,,2"],
+        ["generate", "--prompt", "x", "--lora", f"{missing}:nan"],
+        ["generate", "--prompt", "x", "--lora", missing],
+        ["generate", "--prompt", "x", "--family", "sd9"],
+        ["convert", missing, "--to", "kohya", "--out", str(tmp_path / "o.safetensors")],
+        ["convert", __file__, "--to", "kohya", "--out", __file__],
+        ["convert", __file__, "--to", "kohya", "--out", "o.safetensors", "--family", "sd9"],
+    ]
+    for argv, heavy in heavy_modules_after(*lines):
+        assert heavy == [], f"`sdtune {' '.join(argv)}` imported {', '.join(heavy)}"

@@ -88,9 +88,11 @@ def test_permission_denied_on_the_final_adapter(
     _fail_on_call(monkeypatch, adapter_io, "save_file", 3, errno.EACCES)
     assert main(_args(tiny_sd1_dir, star_images, out)) == 2
     line = _one_error_line(capsys)
-    assert str(out / "pytorch_lora_weights.safetensors") in line and "cannot write" in line
+    # The final files are staged in .final-tmp/ and moved in only when all are written.
+    assert "pytorch_lora_weights.safetensors" in line and "cannot write" in line
     assert [p.name for p in list_checkpoints(out)] == ["step-000002", "step-000004"]
     assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert not (out / ".final-tmp").exists() and not (out / "config.yaml").exists()
     assert not list(out.glob("*.tmp"))
     for folder in list_checkpoints(out):
         assert load_training_state(folder)["progress"]["step"] in (2, 4)
