@@ -20,16 +20,32 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from sdtune.adapters.card import write_model_card
-from sdtune.config import RunConfig, save_config
+from sdtune.config import RunConfig, config_to_dict, save_config
 from sdtune.data.cache import LatentCache
 from sdtune.data.prompts import encode_token_windows
 from sdtune.data.text_cache import TextEmbeddingCache
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 from sdtune.train import checkpoint as ckpt
 from sdtune.train.cache_pass import log_cache_totals, open_caches, prebuild_caches
 from sdtune.train.checkpoint import Progress
 from sdtune.train.ema import AdapterEMA
 from sdtune.train.estimate import log_predicted_peak
+from sdtune.train.events import (
+    CheckpointWritten,
+    EventLog,
+    Failed,
+    Finished,
+    SamplesWritten,
+    Started,
+    Stepped,
+    Stopped,
+    StopRequest,
+    Validated,
+    format_duration,
+    log_line_sink,
+    progress_bar_sink,
+    tracker_sink,
+)
 from sdtune.train.inpainting import build_inpainting_channels
 from sdtune.train.objectives import (
     compute_loss,
@@ -79,6 +95,7 @@ class TrainResult:
     steps: int
     last_loss: float
     pipeline: object  # the base pipeline with the trained adapter attached, ready to generate
+    stopped: str | None = None  # why the run stopped early on request (adapter_path: None)
 
 
 @dataclass
@@ -104,6 +121,9 @@ class Run:
     latent_cache: LatentCache | None = None  # VAE encodings on disk, when data.cache_latents
     text_cache: TextEmbeddingCache | None = None  # encoder outputs, data.cache_text_embeddings
     progress: Progress = field(default_factory=Progress)
+    stopped: str | None = None  # set by run_steps when a stop request ended the run
+    events: EventLog = field(default_factory=lambda: EventLog(None))
+    stop: StopRequest | None = None  # asked to checkpoint and stop (STOP file, SIGTERM)
 
 
 def item_generators(seed: int, draws: list[int], device) -> list[torch.Generator]:
@@ -194,18 +214,54 @@ def train(cfg: RunConfig) -> TrainResult:
         log_with=trackers(cfg.output.log_with),
         project_dir=str(out),
     )
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    # Only the main process reports; every sink is fed from the same events.
+    events = EventLog(out if main else None, [log_line_sink, tracker_sink(accelerator)] * main)
+    peak = None
+    if main:
         save_config(cfg, out / "config.yaml")
         logger.info("data: %s", report.summary())
         if torch.cuda.is_available():  # predicted peak memory, before the model moves there
-            log_predicted_peak(cfg, family.name)
-    run = prepare_run(cfg, accelerator, pipe, family, out, report)
-    if resuming:
-        restore_checkpoint(run, ckpt.resolve_resume(out, cfg.train.resume))
-    last_loss = run_steps(run)
-    adapter_path = save_final(run)
+            peak = log_predicted_peak(cfg, family.name)
+    started = time.perf_counter()
+    with StopRequest(out) as stop:
+        try:
+            run = prepare_run(cfg, accelerator, pipe, family, out, report)
+            run.events, run.stop = events, stop
+            resumed_from = ckpt.resolve_resume(out, cfg.train.resume) if resuming else None
+            if resumed_from is not None:
+                restore_checkpoint(run, resumed_from)
+            events.emit(
+                Started(
+                    run.progress.step,
+                    cfg.train.max_steps,
+                    len(run.loader.dataset),
+                    family.name,
+                    config_to_dict(cfg),
+                    peak,
+                    str(resumed_from) if resumed_from else None,
+                )
+            )
+            last_loss = run_steps(run)
+            if run.stopped is not None:
+                return _stop_here(run, last_loss)
+            adapter_path = save_final(run)
+        except Exception as exc:
+            events.emit(Failed(run.progress.step if "run" in locals() else 0, first_line(exc)))
+            raise
+    events.emit(
+        Finished(run.progress.step, str(adapter_path), last_loss, time.perf_counter() - started)
+    )
     accelerator.end_training()
     return TrainResult(out, adapter_path, run.progress.step, last_loss, pipe)
+
+
+def _stop_here(run: Run, last_loss: float) -> TrainResult:
+    """Asked to stop: a checkpoint of this very step (unless one was just written), then out."""
+    path = _checkpoint(run)  # replaces a checkpoint of the same step, if one was just written
+    run.events.emit(Stopped(run.progress.step, str(path) if path else None, run.stopped))
+    run.accelerator.end_training()
+    return TrainResult(run.out, None, run.progress.step, last_loss, run.pipe, run.stopped)
 
 
 def _forget_earlier_runs() -> None:
@@ -335,7 +391,8 @@ def run_steps(run: Run) -> float:
     run.sampler.set_epoch(progress.epoch)
     run.sampler.skip_next(progress.batch_in_epoch * cfg.train.batch_size)
     bar = _progress_bar(run)
-    while progress.step < cfg.train.max_steps:
+    run.events.sinks.append(progress_bar_sink(bar))
+    while progress.step < cfg.train.max_steps and run.stopped is None:
         for batch in run.loader:
             progress.batch_in_epoch += 1
             try:
@@ -346,7 +403,6 @@ def run_steps(run: Run) -> float:
             if not acc.sync_gradients:
                 continue
             progress.step += 1
-            bar.update(1)
             if run.ema is not None:
                 run.ema.update()
             elapsed = time.perf_counter() - started
@@ -364,15 +420,30 @@ def run_steps(run: Run) -> float:
                 or progress.step == cfg.train.max_steps
             ):
                 last_loss = _log_step(run, loss, grad_norm, images / elapsed, left_s)
-                bar.set_postfix(loss=f"{last_loss:.4f}")
             _maybe_checkpoint_and_sample(run)
-            if progress.step >= cfg.train.max_steps:
+            run.stopped = _stop_requested(run)
+            if progress.step >= cfg.train.max_steps or run.stopped is not None:
                 break
         else:  # the pass ended: the next one is a new epoch
             progress.epoch += 1
             progress.batch_in_epoch = 0
+    run.events.sinks.remove(run.events.sinks[-1])
     bar.close()
     return last_loss
+
+
+STOP_REASONS = ("stop file", "SIGTERM")
+
+
+def _stop_requested(run: Run) -> str | None:
+    """Why to stop after this step, agreed by every process (one reads the file a step later
+    than another, so they take the most urgent answer any of them has)."""
+    reason = run.stop.reason() if run.stop is not None else None
+    if run.accelerator.num_processes > 1:
+        code = torch.tensor([0 if reason is None else 1 + STOP_REASONS.index(reason)])
+        code = run.accelerator.reduce(code.to(run.accelerator.device), reduction="max")
+        reason = None if int(code) == 0 else STOP_REASONS[int(code) - 1]
+    return reason
 
 
 def _progress_bar(run: Run):
@@ -427,33 +498,20 @@ class _SkipStep(Exception):
     pass
 
 
-def format_duration(seconds: float) -> str:
-    """12s, 3m05s, 1h02m: short enough for a log line."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def _log_step(run: Run, loss, grad_norm, images_per_s: float, left_s: float) -> float:
-    acc, step = run.accelerator, run.progress.step
-    value = acc.gather(loss.detach()).mean().item()
-    logs = {"loss": value, "lr": run.lr_scheduler.get_last_lr()[0], "images_per_s": images_per_s}
-    if grad_norm is not None:
-        logs["grad_norm"] = float(grad_norm)
-    if torch.cuda.is_available():
-        logs["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    acc.log(logs, step=step)
-    logger.info(
-        "step %d/%d  loss %.4f  lr %.2e  %.1f img/s  %s left",
-        step,
-        run.cfg.train.max_steps,
-        value,
-        logs["lr"],
-        images_per_s,
-        format_duration(left_s),
+    value = run.accelerator.gather(loss.detach()).mean().item()
+    memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    run.events.emit(
+        Stepped(
+            run.progress.step,
+            run.cfg.train.max_steps,
+            value,
+            run.lr_scheduler.get_last_lr()[0],
+            images_per_s,
+            left_s,
+            None if grad_norm is None else float(grad_norm),
+            memory,
+        )
     )
     return value
 
@@ -462,20 +520,32 @@ def _maybe_checkpoint_and_sample(run: Run) -> None:
     cfg, step = run.cfg, run.progress.step
     every = cfg.train.checkpoint_every_n_steps
     if every and step % every == 0 and step < cfg.train.max_steps:
-        save_checkpoint(run)
+        _checkpoint(run)
     every = cfg.output.validation_every_n_steps
     if every and run.validation is not None and step % every == 0 and step < cfg.train.max_steps:
         validate(run)
     every = cfg.output.sample_every_n_steps
     if every and step % every == 0 and cfg.output.sample_prompts and step < cfg.train.max_steps:
-        save_samples(run, f"step{step:06d}")
+        _samples(run, f"step{step:06d}")
+
+
+def _checkpoint(run: Run) -> Path | None:
+    path = save_checkpoint(run)
+    if path is not None:  # written by the main process
+        run.events.emit(CheckpointWritten(run.progress.step, str(path)))
+    return path
+
+
+def _samples(run: Run, stem: str) -> Path:
+    grid = save_samples(run, stem)
+    run.events.emit(SamplesWritten(run.progress.step, str(grid)))
+    return grid
 
 
 def validate(run: Run) -> float:
     """Log the held-out loss at this step (every process computes it; the main one logs)."""
     value = compute_validation_loss(run, run.validation, training_step)
-    run.accelerator.log({"val_loss": value}, step=run.progress.step)
-    logger.info("step %d  validation loss %.4f", run.progress.step, value)
+    run.events.emit(Validated(run.progress.step, value))
     return value
 
 
@@ -489,7 +559,7 @@ def save_final(run: Run) -> Path:
     pipe.unet = run.accelerator.unwrap_model(run.unet, keep_torch_compile=False).eval()
     pipe.text_encoder = run.accelerator.unwrap_model(run.text_encoder).eval()
     if run.accelerator.is_main_process:
-        samples = [save_samples(run, "final")] if run.cfg.output.sample_prompts else []
+        samples = [_samples(run, "final")] if run.cfg.output.sample_prompts else []
         info = adapter_info(run.cfg, pipe, run.family, run.progress.step)
         if run.cfg.output.export_kohya:
             from sdtune.adapters.export import export_kohya

@@ -41,7 +41,6 @@ def save_samples(run, stem: str) -> Path:
     ckpt.restore_rng_state(rng)
     grid = save_grid(images, folder, stem)
     _log_image(run, grid)
-    logger.info("sample images %s", grid)
     return grid
 
 
