@@ -32,5 +32,6 @@ def run(args: argparse.Namespace) -> int:
     quiet_progress_bars()
 
     result = train(cfg)
-    logging.getLogger("sdtune.train").info("adapter: %s", result.adapter_path)
+    if result.stopped is None:
+        logging.getLogger("sdtune.train").info("adapter: %s", result.adapter_path)
     return 0

@@ -1,5 +1,5 @@
 """Pictures the demo writes: a labelled before/after grid and a loss curve, drawn with PIL
-(so no plotting library is needed), and the loss history read back from a run's TensorBoard log.
+(so no plotting library is needed), and the loss history read back from a run's events.
 """
 
 from __future__ import annotations
@@ -12,19 +12,14 @@ from PIL import Image, ImageDraw
 from sdtune.errors import SdtuneError
 
 
-def read_loss_history(run_dir: str | Path, tag: str = "loss") -> list[tuple[int, float]]:
-    """(step, loss) pairs logged by a training run, from the event files under `run_dir`."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def read_loss_history(run_dir: str | Path) -> list[tuple[int, float]]:
+    """(step, loss) pairs logged by a training run, from its `events.jsonl`."""
+    from sdtune.train.events import loss_history
 
-    history: dict[int, float] = {}
-    for events in sorted(Path(run_dir).rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags().get("scalars", []):
-            history.update({e.step: e.value for e in acc.Scalars(tag)})
+    history = loss_history(run_dir)
     if not history:
-        raise SdtuneError(f"no '{tag}' values logged under {run_dir}")
-    return sorted(history.items())
+        raise SdtuneError(f"no logged loss in {Path(run_dir) / 'events.jsonl'}")
+    return history
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:

@@ -453,12 +453,14 @@ def device_memory_line(estimate: MemoryEstimate, target: TargetDevice) -> tuple[
     return f"fits {name}: {total / GIB:.1f} GiB in all{free}", False
 
 
-def log_predicted_peak(cfg: RunConfig, family: str) -> None:
-    """One line at the start of a GPU run; an estimate that fails never stops training."""
+def log_predicted_peak(cfg: RunConfig, family: str) -> float | None:
+    """One line at the start of a GPU run, and the predicted peak in GiB; an estimate that
+    fails never stops training (None)."""
     try:
         estimate = estimate_memory(cfg, build_meta_pipeline(family))
         line, _ = device_memory_line(estimate, resolve_target())
     except Exception as exc:  # the estimate is advice; the run itself is what matters
         logger.info("memory estimate unavailable (%s)", exc)
-        return
+        return None
     logger.info("predicted peak GPU memory %.2f GiB (%s)", estimate.total / GIB, line)
+    return estimate.total / GIB

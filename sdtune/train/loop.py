@@ -19,16 +19,31 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from sdtune.config import RunConfig
+from sdtune.config import RunConfig, config_to_dict
 from sdtune.data.cache import LatentCache
 from sdtune.data.prompts import encode_token_windows
 from sdtune.data.text_cache import TextEmbeddingCache
-from sdtune.errors import SdtuneError
+from sdtune.errors import SdtuneError, first_line
 from sdtune.train import checkpoint as ckpt
 from sdtune.train.cache_pass import log_cache_totals, open_caches, prebuild_caches
 from sdtune.train.checkpoint import Progress
 from sdtune.train.ema import AdapterEMA
 from sdtune.train.estimate import log_predicted_peak
+from sdtune.train.events import (
+    CheckpointWritten,
+    EventLog,
+    Failed,
+    Finished,
+    SamplesWritten,
+    Started,
+    Stopped,
+    StopRequest,
+    Validated,
+    format_duration,
+    log_line_sink,
+    progress_bar_sink,
+    tracker_sink,
+)
 from sdtune.train.inpainting import build_inpainting_channels
 from sdtune.train.objectives import (
     compute_loss,
@@ -40,7 +55,7 @@ from sdtune.train.objectives import (
 from sdtune.train.optim import build_optimizer
 from sdtune.train.outputs import prepare_output_dir, remove_leftovers, write_run_id
 from sdtune.train.prior import ensure_class_images, scan_class_images
-from sdtune.train.reporting import StepLoss, format_duration, log_step, progress_bar
+from sdtune.train.reporting import StepLoss, log_step, progress_bar
 from sdtune.train.resume import load_resume_point
 from sdtune.train.sampling import save_samples
 from sdtune.train.saving import (
@@ -80,6 +95,7 @@ class TrainResult:
     steps: int
     last_loss: float
     pipeline: object  # the base pipeline with the trained adapter attached, ready to generate
+    stopped: str | None = None  # why the run stopped early on request (adapter_path: None)
 
 
 @dataclass
@@ -106,6 +122,9 @@ class Run:
     text_cache: TextEmbeddingCache | None = None  # encoder outputs, data.cache_text_embeddings
     progress: Progress = field(default_factory=Progress)
     run_id: str = ""  # recorded in the run folder and in every checkpoint
+    stopped: str | None = None  # set by run_steps when a stop request ended the run
+    events: EventLog = field(default_factory=lambda: EventLog(None))
+    stop: StopRequest | None = None  # asked to checkpoint and stop (STOP file, SIGTERM)
 
 
 def item_generators(seed: int, draws: list[int], device) -> list[torch.Generator]:
@@ -199,20 +218,54 @@ def train(cfg: RunConfig) -> TrainResult:
         project_dir=str(out),
     )
     run_id = ""
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    # Only the main process reports; every sink is fed from the same events.
+    events = EventLog(out if main else None, [log_line_sink, tracker_sink(accelerator)] * main)
+    peak = None
+    if main:
         remove_leftovers(out)
         run_id = write_run_id(out, resume.run_id if resume else None)
         logger.info("data: %s", report.summary())
         if torch.cuda.is_available():  # predicted peak memory, before the model moves there
-            log_predicted_peak(cfg, family.name)
-    run = prepare_run(cfg, accelerator, pipe, family, out, report)
-    run.run_id = run_id
-    if resume is not None:
-        restore_checkpoint(run, resume.folder, resume.state)
-    last_loss = run_steps(run)
-    adapter_path = save_final(run)
+            peak = log_predicted_peak(cfg, family.name)
+    started = time.perf_counter()
+    with StopRequest(out) as stop:
+        try:
+            run = prepare_run(cfg, accelerator, pipe, family, out, report)
+            run.run_id, run.events, run.stop = run_id, events, stop
+            if resume is not None:
+                restore_checkpoint(run, resume.folder, resume.state)
+            events.emit(
+                Started(
+                    run.progress.step,
+                    cfg.train.max_steps,
+                    len(run.loader.dataset),
+                    family.name,
+                    config_to_dict(cfg),
+                    peak,
+                    str(resume.folder) if resume is not None else None,
+                )
+            )
+            last_loss = run_steps(run)
+            if run.stopped is not None:
+                return _stop_here(run, last_loss)
+            adapter_path = save_final(run)
+        except Exception as exc:
+            events.emit(Failed(run.progress.step if "run" in locals() else 0, first_line(exc)))
+            raise
+    events.emit(
+        Finished(run.progress.step, str(adapter_path), last_loss, time.perf_counter() - started)
+    )
     accelerator.end_training()
     return TrainResult(out, adapter_path, run.progress.step, last_loss, pipe)
+
+
+def _stop_here(run: Run, last_loss: float) -> TrainResult:
+    """Asked to stop: a checkpoint of this very step (unless one was just written), then out."""
+    path = _checkpoint(run)  # replaces a checkpoint of the same step, if one was just written
+    run.events.emit(Stopped(run.progress.step, str(path) if path else None, run.stopped))
+    run.accelerator.end_training()
+    return TrainResult(run.out, None, run.progress.step, last_loss, run.pipe, run.stopped)
 
 
 def _forget_earlier_runs() -> None:
@@ -343,7 +396,8 @@ def run_steps(run: Run) -> float:
     run.sampler.set_epoch(progress.epoch)
     run.sampler.skip_next(progress.batch_in_epoch * cfg.train.batch_size)
     bar = progress_bar(run)
-    while progress.step < cfg.train.max_steps:
+    run.events.sinks.append(progress_bar_sink(bar))
+    while progress.step < cfg.train.max_steps and run.stopped is None:
         for batch in run.loader:
             progress.batch_in_epoch += 1
             try:
@@ -357,7 +411,6 @@ def run_steps(run: Run) -> float:
                 continue
             loss, step_loss = step_loss.mean(), StepLoss()
             progress.step += 1
-            bar.update(1)
             if run.ema is not None:
                 run.ema.update()
             elapsed = time.perf_counter() - started
@@ -375,13 +428,14 @@ def run_steps(run: Run) -> float:
                 or progress.step == cfg.train.max_steps
             ):
                 last_loss = log_step(run, loss, grad_norm, images / elapsed, left_s)
-                bar.set_postfix(loss=f"{last_loss:.4f}")
             _maybe_checkpoint_and_sample(run)
-            if progress.step >= cfg.train.max_steps:
+            run.stopped = run.stop.agreed_reason(acc) if run.stop is not None else None
+            if progress.step >= cfg.train.max_steps or run.stopped is not None:
                 break
         else:  # the pass ended: the next one is a new epoch
             progress.epoch += 1
             progress.batch_in_epoch = 0
+    run.events.sinks.remove(run.events.sinks[-1])
     bar.close()
     return last_loss
 
@@ -430,20 +484,32 @@ def _maybe_checkpoint_and_sample(run: Run) -> None:
     cfg, step = run.cfg, run.progress.step
     every = cfg.train.checkpoint_every_n_steps
     if every and step % every == 0 and step < cfg.train.max_steps:
-        save_checkpoint(run)
+        _checkpoint(run)
     every = cfg.output.validation_every_n_steps
     if every and run.validation is not None and step % every == 0 and step < cfg.train.max_steps:
         validate(run)
     every = cfg.output.sample_every_n_steps
     if every and step % every == 0 and cfg.output.sample_prompts and step < cfg.train.max_steps:
-        save_samples(run, f"step{step:06d}")
+        _samples(run, f"step{step:06d}")
+
+
+def _checkpoint(run: Run) -> Path | None:
+    path = save_checkpoint(run)
+    if path is not None:  # written by the main process
+        run.events.emit(CheckpointWritten(run.progress.step, str(path)))
+    return path
+
+
+def _samples(run: Run, stem: str) -> Path:
+    grid = save_samples(run, stem)
+    run.events.emit(SamplesWritten(run.progress.step, str(grid)))
+    return grid
 
 
 def validate(run: Run) -> float:
     """Log the held-out loss at this step (every process computes it; the main one logs)."""
     value = compute_validation_loss(run, run.validation, training_step)
-    run.accelerator.log({"val_loss": value}, step=run.progress.step)
-    logger.info("step %d  validation loss %.4f", run.progress.step, value)
+    run.events.emit(Validated(run.progress.step, value))
     return value
 
 
@@ -455,4 +521,4 @@ def save_final(run: Run) -> Path:
     pipe = run.pipe
     pipe.unet = run.accelerator.unwrap_model(run.unet, keep_torch_compile=False).eval()
     pipe.text_encoder = run.accelerator.unwrap_model(run.text_encoder).eval()
-    return save_final_files(run, lambda: save_samples(run, "final"))
+    return save_final_files(run, lambda: _samples(run, "final"))

@@ -1,13 +1,12 @@
-"""What a training run reports as it goes: the progress bar, the loss line and its numbers."""
+"""What a training run reports as it goes: the step's mean loss, the progress bar, the step event."""
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import torch
 
-logger = logging.getLogger("sdtune.train")
+from sdtune.train.events import Stepped
 
 
 class StepLoss:
@@ -40,33 +39,21 @@ def progress_bar(run):
     )
 
 
-def format_duration(seconds: float) -> str:
-    """12s, 3m05s, 1h02m: short enough for a log line."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def log_step(run, loss, grad_norm, images_per_s: float, left_s: float) -> float:
-    """Log the step's loss (the mean over processes), lr, speed and time left."""
-    acc, step = run.accelerator, run.progress.step
-    value = acc.gather(loss.detach()).mean().item()
-    logs = {"loss": value, "lr": run.lr_scheduler.get_last_lr()[0], "images_per_s": images_per_s}
-    if grad_norm is not None:
-        logs["grad_norm"] = float(grad_norm)
-    if torch.cuda.is_available():
-        logs["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    acc.log(logs, step=step)
-    logger.info(
-        "step %d/%d  loss %.4f  lr %.2e  %.1f img/s  %s left",
-        step,
-        run.cfg.train.max_steps,
-        value,
-        logs["lr"],
-        images_per_s,
-        format_duration(left_s),
+    """Report the step (its loss is the mean over processes) as a `step` event: the log line,
+    the trackers and the progress bar are its sinks."""
+    value = run.accelerator.gather(loss.detach()).mean().item()
+    memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    run.events.emit(
+        Stepped(
+            run.progress.step,
+            run.cfg.train.max_steps,
+            value,
+            run.lr_scheduler.get_last_lr()[0],
+            images_per_s,
+            left_s,
+            None if grad_norm is None else float(grad_norm),
+            memory,
+        )
     )
     return value

@@ -85,7 +85,6 @@ def save_samples(run, stem: str) -> Path:
     ckpt.restore_rng_state(rng)
     grid = save_grid(images, folder, stem, first)
     _log_image(run, grid)
-    logger.info("sample images %s", grid)
     return grid
 
 

@@ -54,7 +54,6 @@ def save_checkpoint(run) -> Path | None:
         path = ckpt.save_checkpoint(
             run.out, p.step, state, write_files, run.cfg.train.keep_checkpoints
         )
-        logger.info("checkpoint %s", path)
     acc.wait_for_everyone()
     return path
 
