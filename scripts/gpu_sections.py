@@ -245,15 +245,17 @@ def estimate_peak(bench: Bench, args: argparse.Namespace):
 
 
 def floor_flops(bench: Bench, variant: str, counted: float) -> tuple[float, str]:
-    """The per-image FLOP floor of a full-size SD 1.5 step; tiny models use their count."""
-    if not bench.settings.full:
-        return counted, "FLOPs as counted (a tiny model has no published floor)"
-    floor = {
-        "cached": FLOOR_SD15_STEP,
-        "checkpointing": FLOOR_SD15_CHECKPOINTED,
-        "uncached": FLOOR_SD15_STEP + FLOOR_SD15_VAE_ENCODE,
-        "sd2v": FLOOR_SD2V_STEP,
+    """The per-image FLOP floor of a full-size step at the floor's own resolution; tiny
+    models and other resolutions use FlopCounterMode's count."""
+    floor, resolution = {
+        "cached": (FLOOR_SD15_STEP, 512),
+        "checkpointing": (FLOOR_SD15_CHECKPOINTED, 512),
+        "uncached": (FLOOR_SD15_STEP + FLOOR_SD15_VAE_ENCODE, 512),
+        "sd2v": (FLOOR_SD2V_STEP, 768),
     }[variant]
+    s = bench.settings
+    if not s.full or resolution != (s.sd2_resolution if variant == "sd2v" else s.resolution):
+        return counted, "FLOPs as counted (no published floor for this model and size)"
     return floor, f"floor {floor / 1e12:.3f} TFLOP/img, counted {counted / 1e12:.3f}"
 
 
