@@ -305,7 +305,8 @@ def to_peft_state_dict(layers: dict[str, Layer]) -> dict[str, torch.Tensor]:
 
     This is what diffusers' `load_lora_weights` reads exactly without any metadata: with no
     alphas it uses alpha = rank per module. DoRA magnitudes go under peft's own key, in the
-    shape peft gives them (out for a linear layer, 1 x out x 1 x 1 for a convolution).
+    shape peft gives them (out for a linear layer, 1 x out x 1 x 1 for a convolution); the
+    text encoder's with `.weight` after it, the only spelling its loader maps.
     """
     state = {}
     for module, layer in layers.items():
@@ -315,7 +316,9 @@ def to_peft_state_dict(layers: dict[str, Layer]) -> dict[str, torch.Tensor]:
         state[f"{module}.lora_B.weight"] = (layer.up * layer.scale).contiguous()
         if layer.magnitude is not None:
             shape = (1, -1, 1, 1) if layer.down.ndim == 4 else (-1,)
-            state[f"{module}.{DORA_MAGNITUDE}"] = layer.magnitude.reshape(shape).contiguous()
+            # diffusers hands text-encoder keys to transformers, which maps `.weight` names only
+            key = DORA_MAGNITUDE + (".weight" if module.startswith(TEXT_ENCODER + ".") else "")
+            state[f"{module}.{key}"] = layer.magnitude.reshape(shape).contiguous()
     return state
 
 
