@@ -184,14 +184,6 @@ def factorize(delta: torch.Tensor, rank: int, alpha: float | None = None) -> Fac
     return Factorization(Layer(down.contiguous(), up.contiguous(), alpha), energy, error)
 
 
-def numerical_rank(delta: torch.Tensor, tolerance: float = 1e-6) -> int:
-    """How many singular values exceed `tolerance` times the largest (at least 1)."""
-    s = torch.linalg.svdvals(delta.float().flatten(1))
-    if s.numel() == 0 or float(s[0]) == 0.0:
-        return 1
-    return max(1, int((s > s[0] * tolerance).sum()))
-
-
 def as_lora(layer: Layer, shape: torch.Size | tuple[int, ...] | None = None) -> Layer:
     """A LoRA layer (scale 1) with exactly the same change, built without an SVD.
 
