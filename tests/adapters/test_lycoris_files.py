@@ -87,12 +87,8 @@ def _expected_summary(network):
     return algorithms, ranks, alphas
 
 
-@pytest.fixture(scope="module", params=list(CASES.values()), ids=list(CASES))
-def lycoris_file(request, tmp_path_factory):
-    """(file, LyCORIS' per-module changes, its network) for one algorithm."""
-    algo, options = request.param
-    case = request.node.callspec.id if hasattr(request.node, "callspec") else algo
-    folder = tmp_path_factory.mktemp(algo)
+def save_lycoris_file(folder, case: str, algo: str, options: dict):
+    """(file, LyCORIS' per-module changes, its network): one network saved by LyCORIS."""
     (folder / "preset.toml").write_text(PRESET)
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     pipe = build_tiny_pipeline("sd1", seed=0)
@@ -116,6 +112,13 @@ def lycoris_file(request, tmp_path_factory):
         module = lora.org_module[0]
         changes[names[id(module)]] = effective_weight(module) - module.weight.detach()
     return path, changes, network
+
+
+@pytest.fixture(scope="module", params=list(CASES.values()), ids=list(CASES))
+def lycoris_file(request, tmp_path_factory):
+    algo, options = request.param
+    case = request.node.callspec.id
+    return save_lycoris_file(tmp_path_factory.mktemp(case), case, algo, options)
 
 
 def test_lycoris_file_applies_lycoris_changes_live_and_fused(lycoris_file):
@@ -147,3 +150,41 @@ def test_inspect_names_algorithm_modules_ranks_and_alphas(lycoris_file, capsys):
     assert main(["inspect", str(path)]) == 0
     shown = capsys.readouterr().out
     assert "algorithm   " + ", ".join(f"{k} x{n}" for k, n in sorted(algorithms.items())) in shown
+
+
+@pytest.fixture(scope="module")
+def loha_and_lokr(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("merge")
+    loha = save_lycoris_file(folder, "loha", "loha", {})
+    lokr = save_lycoris_file(folder, "lokr", "lokr", {})
+    return loha[:2], lokr[:2]
+
+
+def test_merge_and_resize_take_loha_and_lokr_through_their_changes(loha_and_lokr, tmp_path):
+    from sdtune.adapters.export import read_for_family, write_layers
+    from sdtune.adapters.lowrank import compute_delta
+    from sdtune.adapters.merge import merge_adapters, resize_adapter
+
+    pipe = build_tiny_pipeline("sd1", seed=0)
+    (loha, loha_changes), (lokr, lokr_changes) = loha_and_lokr
+    a, b = (read_for_family(path, "sd1", base=pipe)[0] for path in (loha, lokr))
+    merged, _ = merge_adapters([(a, 0.5), (b, -2.0)])  # exact: the factors concatenated
+    for module, layer in merged.items():
+        want = 0.5 * loha_changes[module] - 2.0 * lokr_changes[module]
+        error = float((compute_delta(layer) - want).norm() / want.norm())
+        assert error <= TOLERANCE, (module, error)
+    assert set(merged) == set(loha_changes) | set(lokr_changes)
+    out = write_layers(merged, tmp_path / "merged.safetensors", "sd1", modules=None)
+    merged_pipe = build_tiny_pipeline("sd1", seed=0)
+    base = base_weights(merged_pipe)
+    fuse_adapters(merged_pipe, [(out, 1.0)])  # the written file applies the same changes
+    got = stored_changes(merged_pipe, base, merged)
+    want = {m: 0.5 * loha_changes[m] - 2.0 * lokr_changes[m] for m in merged}
+    assert max(relative_errors(got, want).values()) <= TOLERANCE
+    full, reports = resize_adapter(a, 64)  # at or above every layer's exact rank: lossless
+    for module, layer in full.items():
+        error = float((compute_delta(layer) - loha_changes[module]).norm())
+        assert error <= TOLERANCE * float(loha_changes[module].norm()), module
+    assert min(r.energy for r in reports) > 1 - 1e-5
+    _, low = resize_adapter(a, 2)  # LoHa rank 4 x 4 = 16 down to 2: part of it is kept
+    assert all(0 < r.energy < 1 for r in low if r.rank == 2)
