@@ -175,15 +175,22 @@ def _check_tensors(layers: dict[str, Layer], file: Path) -> None:
 
 
 def _fits(layer: Layer, shape: torch.Size) -> bool:
-    from sdtune.adapters.lowrank import compute_out_in
+    """Whether the layer's factors multiply out to a change of `shape` (checked on the meta
+    device: shapes only, no arithmetic), with a magnitude per output row for DoRA."""
+    from dataclasses import replace
 
+    from sdtune.adapters.lowrank import compute_delta
+
+    def meta(t):
+        return None if t is None else t.to("meta")
+
+    factors = {k: meta(v) for k, v in layer.factors.items()}
+    probe = replace(layer, down=meta(layer.down), up=meta(layer.up), factors=factors)
     try:
-        out, fan_in = compute_out_in(layer)
-    except (KeyError, IndexError):
+        compute_delta(probe, shape)
+    except (RuntimeError, SdtuneError, KeyError, IndexError, ValueError):
         return False
-    if (out, fan_in) != (shape[0], shape[1:].numel()):
-        return False
-    if layer.magnitude is not None and layer.magnitude.numel() != out:
+    if layer.magnitude is not None and layer.magnitude.numel() != shape[0]:
         return False
     return layer.kind != "lora" or layer.down.ndim == len(shape) == layer.up.ndim
 

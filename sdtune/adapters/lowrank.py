@@ -56,8 +56,8 @@ def _full_pair(matrix: torch.Tensor) -> Pair:
     """A full matrix as (identity, matrix) or (matrix, identity), whichever has the lower rank."""
     rows, cols = matrix.shape
     if rows <= cols:
-        return torch.eye(rows, dtype=matrix.dtype), matrix
-    return matrix, torch.eye(cols, dtype=matrix.dtype)
+        return torch.eye(rows, dtype=matrix.dtype, device=matrix.device), matrix
+    return matrix, torch.eye(cols, dtype=matrix.dtype, device=matrix.device)
 
 
 def _lokr_pairs(layer: Layer) -> list[Pair]:
@@ -197,7 +197,7 @@ def as_lora(layer: Layer, shape: torch.Size | tuple[int, ...] | None = None) -> 
     up, down = compute_lora_factors(layer)
     if up.shape[1] >= min(out, fan_in):
         delta = compute_delta(layer, shape).flatten(1)
-        eye = torch.eye(min(out, fan_in), dtype=delta.dtype)
+        eye = torch.eye(min(out, fan_in), dtype=delta.dtype, device=delta.device)
         up, down = (eye, delta) if out <= fan_in else (delta, eye)
     else:
         up = up * layer.scale

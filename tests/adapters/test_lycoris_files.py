@@ -188,3 +188,17 @@ def test_merge_and_resize_take_loha_and_lokr_through_their_changes(loha_and_lokr
     assert min(r.energy for r in reports) > 1 - 1e-5
     _, low = resize_adapter(a, 2)  # LoHa rank 4 x 4 = 16 down to 2: part of it is kept
     assert all(0 < r.energy < 1 for r in low if r.rank == 2)
+
+
+def test_a_lycoris_algorithm_that_cannot_be_applied_is_refused_before_loading(tmp_path):
+    from sdtune.errors import SdtuneError
+
+    path, _, _ = save_lycoris_file(tmp_path, "oft", "diag-oft", {})
+    pipe = build_tiny_pipeline("sd1", seed=0)
+    base = base_weights(pipe)
+    with pytest.raises(SdtuneError, match=r"LyCORIS OFT \(oft_blocks\) layers cannot be applied"):
+        load_adapters(pipe, [(str(path), 1.0)])
+    with pytest.raises(SdtuneError, match="OFT"):
+        fuse_adapters(pipe, [(path, 1.0)])
+    assert not changed_modules(pipe, base)  # nothing half-loaded
+    assert not any(hasattr(m, "get_base_layer") for m in canonical_modules(pipe).values())
