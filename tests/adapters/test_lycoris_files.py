@@ -114,10 +114,16 @@ def save_lycoris_file(folder, case: str, algo: str, options: dict):
     return path, changes, network
 
 
-@pytest.fixture(scope="module", params=list(CASES.values()), ids=list(CASES))
+def _params():
+    for case, value in CASES.items():
+        marks = value.marks if hasattr(value, "marks") else ()
+        algo, options = value.values[0] if hasattr(value, "values") else value
+        yield pytest.param((case, algo, options), marks=marks, id=case)
+
+
+@pytest.fixture(scope="module", params=list(_params()))
 def lycoris_file(request, tmp_path_factory):
-    algo, options = request.param
-    case = request.node.callspec.id
+    case, algo, options = request.param
     return save_lycoris_file(tmp_path_factory.mktemp(case), case, algo, options)
 
 
