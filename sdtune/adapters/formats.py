@@ -4,14 +4,17 @@ Every adapter sdtune reads becomes a dict `module -> Layer`, where `module` is t
 module path with its part in front (`unet.down_blocks.0...attn1.to_q`, `text_encoder.encoder.
 layers.0.self_attn.q_proj`; the text encoder's names have no `text_model.` level, as in
 transformers 5). A layer's weight change is `delta = alpha / rank * up @ down` for LoRA/LoCon;
-LyCORIS LoHa and LoKr layers keep their factors and give their own `delta`.
+LyCORIS LoHa and LoKr layers keep their factors and give their own `delta`. A Tucker layer
+(LyCORIS `use_tucker`) adds a core (`lora_mid`, `hada_t1`/`hada_t2`); a DoRA layer (Liu et al.
+2024) adds a per-output-row magnitude that rescales the adapted weight instead of adding to it.
 
 kohya layout (what kohya sd-scripts writes for SD 1/2, and what A1111 and ComfyUI read):
 - U-Net: `lora_unet_` + the diffusers module path with `.` -> `_`
   (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`);
 - text encoder (SD 1 CLIP-L and SD 2 OpenCLIP-H, both in Hugging Face layout):
   `lora_te_text_model_` + the module path with `_` (`lora_te_text_model_encoder_layers_0_self_
-  attn_q_proj`); the `text_model_` level is always written, whatever transformers names it;
+  attn_q_proj`); the `text_model_` level is always written, whatever transformers names it, and
+  read with or without it (tools run on transformers 5 write `lora_te_encoder_layers_...`);
 - per module `.lora_down.weight` (rank x in, or rank x in x kh x kw for convolutions),
   `.lora_up.weight` (out x rank, or out x rank x 1 x 1) and `.alpha` (a 0-d tensor: the real
   alpha, so the scale is alpha / rank).
@@ -21,6 +24,7 @@ table built from the real module names of the model (`kohya_table`), never by gu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -40,9 +44,19 @@ KOHYA_DOWN = ".lora_down.weight"
 KOHYA_UP = ".lora_up.weight"
 KOHYA_ALPHA = ".alpha"
 KOHYA_DORA = ".dora_scale"
-LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-UNSUPPORTED_KEYS = ("lora_mid", "hada_t1", "hada_t2", "lokr_t2", "oft_blocks", "glora_")
+TUCKER_KEYS = ("lora_mid", "hada_t1", "hada_t2")
+# LyCORIS layers that cannot be applied: tensor-name start -> what to call them in the refusal.
+UNSUPPORTED_KEYS = {
+    "lokr_t": "LoKr with a Tucker core (lokr_t2)",
+    "oft_": "OFT (oft_blocks)",
+    "glora_": "GLoRA",
+    "on_input": "IA3",
+    "diff": "full fine-tuning diff (LyCORIS full)",
+    "w_norm": "norm-layer diff",
+    "b_norm": "norm-layer diff",
+}
 
 # (down suffix, up suffix) of each diffusers/PEFT spelling of a LoRA pair.
 DIFFUSERS_PAIRS = (
@@ -52,18 +66,26 @@ DIFFUSERS_PAIRS = (
     (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
 )
 PEFT_PREFIX = "base_model.model."
+DORA_MAGNITUDE = "lora_magnitude_vector"
 _TEXT_MODEL_LEVEL = "text_model."
 
 
 @dataclass
 class Layer:
-    """One adapted module. LoRA: `down`, `up`, `alpha`. LoHa/LoKr: `factors` by LyCORIS name."""
+    """One adapted module. LoRA: `down`, `up`, `alpha`. LoHa/LoKr: `factors` by LyCORIS name.
+
+    `factors` also holds a LoRA's Tucker core (`lora_mid`). `magnitude` (DoRA) is the wanted
+    norm of each output row of the adapted weight. `shape` is the module's weight shape when
+    the adapter was read against a model (LoHa/LoKr factors alone do not tell a conv's kernel).
+    """
 
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
     alpha: float | None = None  # None: alpha = rank (scale 1)
     kind: str = "lora"  # "lora" | "loha" | "lokr"
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
+    magnitude: torch.Tensor | None = None  # DoRA: (out,)
+    shape: torch.Size | None = None
 
     @property
     def rank(self) -> int:
@@ -80,6 +102,25 @@ class Layer:
         if self.alpha is None or self.rank == 0:
             return 1.0
         return float(self.alpha) / self.rank
+
+    @property
+    def algorithm(self) -> str:
+        """LoRA, LoCon (a LoRA on a k x k convolution), LoHa or LoKr, + Tucker, + DoRA."""
+        if self.kind == "lora":
+            kernel = self.factors.get("lora_mid", self.down)
+            name = "LoCon" if kernel.ndim == 4 and kernel.shape[2:].numel() > 1 else "LoRA"
+        else:
+            name = {"loha": "LoHa", "lokr": "LoKr"}[self.kind]
+        if any(k in self.factors for k in TUCKER_KEYS):
+            name += "+Tucker"
+        return name + ("+DoRA" if self.magnitude is not None else "")
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """Every weight tensor of the layer (for dtype and shape checks)."""
+        main = [self.down, self.up] if self.kind == "lora" else []
+        extra = [self.magnitude] if self.magnitude is not None else []
+        return main + list(self.factors.values()) + extra
 
 
 def strip_text_model(module: str) -> str:
@@ -110,7 +151,10 @@ def kohya_table(modules: Iterable[str]) -> dict[str, str]:
         name = kohya_name(module)
         table[name] = module
         if name.startswith(KOHYA_TEXT_PREFIX):
-            table["lora_te1_" + name[len(KOHYA_TEXT_PREFIX) :]] = module
+            path = name[len(KOHYA_TEXT_PREFIX) :]
+            for prefix in KOHYA_TEXT_ALIASES:  # with and without the `text_model_` level
+                table[prefix + path] = module
+                table[prefix + path.removeprefix(KOHYA_TEXT_MODEL)] = module
     return table
 
 
@@ -147,10 +191,14 @@ def parse_diffusers(
     `alpha_of` maps canonical module names to their alpha; modules without one get alpha = rank.
     """
     layers: dict[str, Layer] = {}
+    magnitudes = {}
     for key, value in state.items():
         split = split_pair_key(key)
         if split is None:
-            if "lora_magnitude_vector" in key or key.endswith(".alpha"):
+            if DORA_MAGNITUDE in key:
+                magnitudes[strip_text_model(key.partition("." + DORA_MAGNITUDE)[0])] = value
+                continue
+            if key.endswith(".alpha"):
                 continue
             raise SdtuneError(f"key '{key}' is not a LoRA down/up weight of any known layout")
         module, which = split
@@ -161,6 +209,12 @@ def parse_diffusers(
         if layer.down is None or layer.up is None:
             raise SdtuneError(f"module '{module}' has only one half of its LoRA pair (down/up)")
         layer.alpha = (alpha_of or {}).get(module)
+        if module in magnitudes:
+            layer.magnitude = magnitudes.pop(module).flatten()
+    if magnitudes:
+        raise SdtuneError(
+            f"DoRA magnitude of '{next(iter(magnitudes))}' has no LoRA pair beside it"
+        )
     return layers
 
 
@@ -175,27 +229,44 @@ def kohya_groups(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
     return groups
 
 
+def _kohya_magnitude(name: str, dora_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """LyCORIS' `dora_scale` as a per-output-row magnitude; per-input magnitudes are refused."""
+    if dora_scale is None:
+        return None
+    if dora_scale.ndim > 1 and dora_scale.shape[1:].numel() != 1:
+        raise SdtuneError(
+            f"'{name}': DoRA with per-input-channel magnitudes (dora_scale of shape "
+            f"{tuple(dora_scale.shape)}, LyCORIS wd_on_output=False) cannot be applied; "
+            "per-output magnitudes (out x 1) can"
+        )
+    return dora_scale.flatten()
+
+
 def kohya_layer(name: str, tensors: dict[str, torch.Tensor]) -> Layer:
-    """One kohya/LyCORIS module's tensors as a Layer (LoRA, LoCon, LoHa or LoKr)."""
+    """One kohya/LyCORIS module's tensors as a Layer (LoRA, LoCon, LoHa, LoKr; Tucker; DoRA)."""
     alpha = tensors.get("alpha")
     alpha = float(alpha.float().item()) if alpha is not None else None
     stems = {k.removesuffix(".weight") for k in tensors}
-    bad = [k for k in stems if k.startswith(UNSUPPORTED_KEYS)]
-    if bad or "dora_scale" in stems:
-        what = "DoRA (dora_scale)" if "dora_scale" in stems else f"'{bad[0]}' (CP/Tucker, OFT)"
-        raise SdtuneError(
-            f"'{name}': {what} layers are not supported; plain LoRA/LoCon/LoHa/LoKr is"
-        )
+    for stem in sorted(stems):
+        for start, what in UNSUPPORTED_KEYS.items():
+            if stem.startswith(start):
+                raise SdtuneError(
+                    f"'{name}': LyCORIS {what} layers cannot be applied; LoRA, LoCon, LoHa, "
+                    "LoKr (each optionally with DoRA) and Tucker LoCon/LoHa can"
+                )
+    magnitude = _kohya_magnitude(name, tensors.get("dora_scale"))
     if "lora_down" in stems and "lora_up" in stems:
-        return Layer(tensors["lora_down.weight"], tensors["lora_up.weight"], alpha)
+        mid = {"lora_mid": tensors["lora_mid.weight"]} if "lora_mid" in stems else {}
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        return Layer(down, up, alpha, factors=mid, magnitude=magnitude)
     if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= stems:
-        factors = {k: tensors[k] for k in LOHA_KEYS}
-        return Layer(alpha=alpha, kind="loha", factors=factors)
+        factors = {k: tensors[k] for k in LOHA_KEYS if k in tensors}
+        return Layer(alpha=alpha, kind="loha", factors=factors, magnitude=magnitude)
     has_w1 = "lokr_w1" in stems or {"lokr_w1_a", "lokr_w1_b"} <= stems
     has_w2 = "lokr_w2" in stems or {"lokr_w2_a", "lokr_w2_b"} <= stems
     if has_w1 and has_w2:
         factors = {k: tensors[k] for k in LOKR_KEYS if k in tensors}
-        return Layer(alpha=alpha, kind="lokr", factors=factors)
+        return Layer(alpha=alpha, kind="lokr", factors=factors, magnitude=magnitude)
     raise SdtuneError(
         f"'{name}' has tensors {sorted(stems)}; expected lora_down/lora_up (LoRA, LoCon), "
         "hada_w1_a/b + hada_w2_a/b (LoHa) or lokr_w1/lokr_w2 (LoKr)"
@@ -216,13 +287,16 @@ def to_kohya_state_dict(layers: dict[str, Layer]) -> dict[str, torch.Tensor]:
     """The kohya state dict of LoRA layers: down, up and the real alpha per module."""
     state = {}
     for module, layer in sorted(layers.items()):
-        if layer.kind != "lora":
-            raise SdtuneError(f"'{module}' is a {layer.kind} layer; convert it to LoRA first")
+        if layer.kind != "lora" or "lora_mid" in layer.factors:
+            raise SdtuneError(f"'{module}' is a {layer.algorithm} layer; convert it to LoRA first")
         name = kohya_name(module)
         alpha = float(layer.alpha) if layer.alpha is not None else float(layer.rank)
         state[name + KOHYA_DOWN] = layer.down.contiguous()
         state[name + KOHYA_UP] = layer.up.contiguous()
         state[name + KOHYA_ALPHA] = torch.tensor(alpha, dtype=layer.down.dtype)
+        if layer.magnitude is not None:  # LyCORIS' layout: out x 1 (x 1 x 1)
+            ones = (1,) * (layer.down.ndim - 1)
+            state[name + KOHYA_DORA] = layer.magnitude.reshape(-1, *ones).contiguous()
     return state
 
 
@@ -230,20 +304,32 @@ def to_peft_state_dict(layers: dict[str, Layer]) -> dict[str, torch.Tensor]:
     """`unet.X.lora_A.weight` / `lora_B` keys with alpha folded into B (so scale is 1).
 
     This is what diffusers' `load_lora_weights` reads exactly without any metadata: with no
-    alphas it uses alpha = rank per module.
+    alphas it uses alpha = rank per module. DoRA magnitudes go under peft's own key, in the
+    shape peft gives them (out for a linear layer, 1 x out x 1 x 1 for a convolution); the
+    text encoder's with `.weight` after it, the only spelling its loader maps.
     """
     state = {}
     for module, layer in layers.items():
-        if layer.kind != "lora":
-            raise SdtuneError(f"'{module}' is a {layer.kind} layer; convert it to LoRA first")
+        if layer.kind != "lora" or "lora_mid" in layer.factors:
+            raise SdtuneError(f"'{module}' is a {layer.algorithm} layer; convert it to LoRA first")
         state[f"{module}.lora_A.weight"] = layer.down.contiguous()
         state[f"{module}.lora_B.weight"] = (layer.up * layer.scale).contiguous()
+        if layer.magnitude is not None:
+            shape = (1, -1, 1, 1) if layer.down.ndim == 4 else (-1,)
+            # diffusers hands text-encoder keys to transformers, which maps `.weight` names only
+            key = DORA_MAGNITUDE + (".weight" if module.startswith(TEXT_ENCODER + ".") else "")
+            state[f"{module}.{key}"] = layer.magnitude.reshape(shape).contiguous()
     return state
 
 
 def match_pattern(module: str, patterns: dict[str, float]) -> float | None:
-    """PEFT's rank/alpha pattern rule: a key matches a module name that ends with it."""
+    """PEFT's rank/alpha pattern rule: a key (a regular expression) matches a module name that
+    ends with it after a dot, or the whole name (peft.utils.other.get_pattern_key)."""
     for pattern, value in patterns.items():
-        if module == pattern or module.endswith("." + pattern):
+        try:
+            found = re.match(rf"(.*\.)?({pattern})$", module)
+        except re.error:
+            found = module == pattern or module.endswith("." + pattern)
+        if found:
             return value
     return None

@@ -1,7 +1,9 @@
-"""What an adapter file holds: format, family, targets, ranks, alphas, size and metadata.
+"""What an adapter file holds: format, algorithm, family, targets, ranks, alphas, size, metadata.
 
-Works on sdtune's files and on foreign ones (diffusers, PEFT, kohya/A1111), reading only the
-safetensors header and the LoRA down-projection shapes.
+Works on sdtune's files and on foreign ones (diffusers, PEFT, kohya/A1111, LyCORIS), read by the
+same parser that loads them, so what it shows is what loading applies: per-module alphas from
+peft's `alpha_pattern`, LoHa/LoKr ranks, and each layer's algorithm (LoRA, LoCon, LoHa, LoKr,
+with Tucker and DoRA marked).
 """
 
 from __future__ import annotations
@@ -13,15 +15,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from sdtune.adapters.io import METADATA_PREFIX, read_diffusers_metadata, resolve_adapter_path
+from sdtune.adapters.io import METADATA_PREFIX, resolve_adapter_path
 from sdtune.adapters.load import FAMILY_OF_TEXT_WIDTH
 from sdtune.errors import SdtuneError
 
-# The down-projection (rank x in) of each LoRA pair, in every naming people use.
-_DOWN = re.compile(
-    r"(\.lora_down\.weight|\.lora\.down\.weight|\.lora_linear_layer\.down\.weight"
-    r"|\.lora_A\.weight|\.lora_A\.default\.weight)$"
-)
 # kohya names the text encoder of SD 1 `lora_te_`, diffusers `text_encoder.`; both have q/k/v.
 _TEXT_PREFIXES = ("lora_te_", "lora_te1_", "text_encoder.", "te.")
 
@@ -39,6 +36,7 @@ class AdapterSummary:
         default_factory=Counter
     )  # module kind -> count (to_q, attn2.to_k, ...)
     metadata: dict[str, str] = field(default_factory=dict)
+    algorithms: Counter = field(default_factory=Counter)  # "LoRA", "LoCon", "LoHa+DoRA", ...
 
     def format_table(self) -> str:
         def counts(c: Counter) -> str:
@@ -47,6 +45,7 @@ class AdapterSummary:
         lines = [
             f"file        {self.path}",
             f"format      {self.format}",
+            f"algorithm   {counts(self.algorithms)}",
             f"family      {self.family}",
             f"modules     {self.modules} adapted, {self.parameters:,} parameters",
             f"ranks       {counts(self.ranks)}",
@@ -92,52 +91,41 @@ def _module_kind(module: str) -> str:
 
 
 def inspect_adapter(path: str | Path) -> AdapterSummary:
+    from sdtune.adapters.load import read_adapter
+
     path = resolve_adapter_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
             header = f.metadata() or {}
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-            # kohya stores one scalar alpha per module: cheap to read.
-            alphas = {
-                k[: -len(".alpha")]: f"{f.get_tensor(k).item():g}"
-                for k in keys
-                if k.endswith(".alpha")
-            }
     except Exception as exc:  # safetensors raises its own error types for torn files
         raise SdtuneError(f"'{path}' is not a readable safetensors file: {exc}") from None
+    fmt = detect_format(keys)
+    adapter = read_adapter(path, {})  # kohya names stay as written: no model to name them by
     summary = AdapterSummary(
         path=path,
-        format=detect_format(keys),
+        format=fmt,
         family="unknown",
         parameters=sum(_numel(s) for s in shapes.values()),
-        modules=0,
+        modules=len(adapter.layers),
         metadata={
             k[len(METADATA_PREFIX) :] if k.startswith(METADATA_PREFIX) else k: v
             for k, v in header.items()
             if k != "format"
         },
     )
-    peft_alpha = _peft_alphas(read_diffusers_metadata(header, path))
-    for key in keys:
-        match = _DOWN.search(key)
-        if not match:
-            continue
-        if len(shapes[key]) < 2:
-            raise SdtuneError(
-                f"'{path}': {key} has shape {shapes[key]}; a LoRA weight must be a matrix"
-            )
-        module = key[: match.start()]
-        rank = shapes[key][0]
-        summary.modules += 1
-        summary.ranks[rank] += 1
+    for module, layer in adapter.layers.items():
+        summary.algorithms[layer.algorithm] += 1
+        summary.ranks[layer.rank or "full"] += 1
         summary.targets[_module_kind(module)] += 1
-        if module in alphas:
-            summary.alphas[alphas[module]] += 1
+        if layer.rank == 0:
+            summary.alphas["unused (full factors)"] += 1
+        elif layer.alpha is None:
+            summary.alphas["= rank (none stored)"] += 1
         else:
-            part = "text_encoder" if module.startswith(_TEXT_PREFIXES) else "unet"
-            summary.alphas[peft_alpha.get(part, "= rank (none stored)")] += 1
-    summary.family = summary.metadata.get("family") or _guess_family(keys, shapes)
+            summary.alphas[f"{layer.alpha:g}"] += 1
+    summary.family = summary.metadata.get("family") or _guess_family(adapter.layers)
     return summary
 
 
@@ -148,18 +136,12 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _peft_alphas(meta: dict) -> dict[str, str]:
-    return {
-        part: f"{meta[part + '.lora_alpha']:g}"
-        for part in ("unet", "text_encoder")
-        if part + ".lora_alpha" in meta
-    }
-
-
-def _guess_family(keys: list[str], shapes: dict[str, tuple[int, ...]]) -> str:
+def _guess_family(layers: dict) -> str:
     """SD 1 and SD 2 differ in the text width the cross-attention keys read: 768 vs 1024."""
-    for key in keys:
-        if _DOWN.search(key) and re.search(r"attn2[._]to_k", key):
-            width = shapes[key][1]
+    from sdtune.adapters.lowrank import compute_out_in
+
+    for module, layer in layers.items():
+        if re.search(r"attn2[._]to_k$", module):
+            width = compute_out_in(layer)[1]
             return FAMILY_OF_TEXT_WIDTH.get(width, f"unknown (cross-attention width {width})")
     return "unknown"

@@ -21,7 +21,6 @@ from safetensors import safe_open
 from sdtune.adapters import formats
 from sdtune.adapters.formats import Layer
 from sdtune.adapters.io import (
-    DIFFUSERS_METADATA_KEY,
     METADATA_PREFIX,
     read_diffusers_metadata,
     resolve_adapter_path,
@@ -99,6 +98,16 @@ def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise SdtuneError(f"'{path}' is not a readable safetensors file: {exc}") from None
 
 
+def _config_alpha(name: str, config: dict, rank: int) -> float | None:
+    """A module's alpha as `alpha / rank` scale: peft's `alpha_pattern` (a regular expression
+    matched on the name's end) over `lora_alpha`; with `use_rslora` the scale is alpha / sqrt(r)."""
+    alpha = formats.match_pattern(name, config.get("alpha_pattern") or {})
+    alpha = alpha if alpha is not None else config.get("lora_alpha")
+    if alpha is None:
+        return None
+    return float(alpha) * rank**0.5 if config.get("use_rslora") else float(alpha)
+
+
 def _diffusers_alphas(
     layers: dict[str, Layer], header: dict[str, str], path: Path
 ) -> dict[str, float]:
@@ -107,29 +116,30 @@ def _diffusers_alphas(
     if not meta:
         return {}
     alphas = {}
-    for module in layers:
+    for module, layer in layers.items():
         part, _, name = module.partition(".")
-        pattern = formats.match_pattern(name, meta.get(f"{part}.alpha_pattern") or {})
-        alpha = pattern if pattern is not None else meta.get(f"{part}.lora_alpha")
+        config = {k.partition(".")[2]: v for k, v in meta.items() if k.startswith(part + ".")}
+        alpha = _config_alpha(name, config, layer.rank)
         if alpha is not None:
-            alphas[module] = float(alpha)
+            alphas[module] = alpha
     return alphas
 
 
-def _peft_layers(state: dict[str, torch.Tensor], config_path: Path) -> dict[str, Layer]:
+def _peft_layers(state: dict[str, torch.Tensor]) -> dict[str, Layer]:
     """A PEFT folder's layers; the model part is told by the module names."""
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     renamed = {}
     for key, value in state.items():
         name = key.removeprefix(formats.PEFT_PREFIX)
         part = formats.UNET if name.startswith(_UNET_ROOTS) else formats.TEXT_ENCODER
         renamed[f"{part}.{name}"] = value
-    layers = formats.parse_diffusers(renamed)
+    return formats.parse_diffusers(renamed)
+
+
+def _peft_alphas(layers: dict[str, Layer], config_path: Path) -> None:
+    """Each layer's alpha from the folder's `adapter_config.json` (absent: alpha = rank)."""
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     for module, layer in layers.items():
-        name = module.partition(".")[2]
-        pattern = formats.match_pattern(name, config.get("alpha_pattern") or {})
-        layer.alpha = pattern if pattern is not None else config.get("lora_alpha")
-    return layers
+        layer.alpha = _config_alpha(module.partition(".")[2], config, layer.rank)
 
 
 def read_adapter(path: str | Path, modules: dict[str, torch.Size]) -> Adapter:
@@ -139,23 +149,25 @@ def read_adapter(path: str | Path, modules: dict[str, torch.Size]) -> Adapter:
     layout = formats.detect_layout(state)
     if layout == "kohya":
         layers = formats.parse_kohya(state, formats.kohya_table(modules))
-    elif layout == "peft":
-        layers = _peft_layers(state, file.parent / PEFT_CONFIG)
     else:
-        layers = formats.parse_diffusers(state)
+        layers = _peft_layers(state) if layout == "peft" else formats.parse_diffusers(state)
+    _check_tensors(layers, file)
+    if layout == "peft":
+        _peft_alphas(layers, file.parent / PEFT_CONFIG)
+    elif layout == "diffusers":
         for module, alpha in _diffusers_alphas(layers, header, file).items():
             layers[module].alpha = alpha
-    _check_tensors(layers, file)
-    dora = any("lora_magnitude_vector" in key for key in state)
+    for module, layer in layers.items():
+        layer.shape = modules.get(module)
+    dora = any(layer.magnitude is not None for layer in layers.values())
     return Adapter(file, layout, layers, header, dora)
 
 
 def _check_tensors(layers: dict[str, Layer], file: Path) -> None:
     """LoRA halves are floating-point matrices (or conv kernels); anything else is a bad file."""
     for module, layer in layers.items():
-        tensors = [layer.down, layer.up] if layer.kind == "lora" else list(layer.factors.values())
-        for t in tensors:
-            if not t.is_floating_point() or t.ndim < 2:
+        for t in layer.tensors:
+            if not t.is_floating_point() or (t.ndim < 2 and t is not layer.magnitude):
                 raise SdtuneError(
                     f"adapter '{file}': module '{module}' holds a {t.dtype} tensor of shape "
                     f"{tuple(t.shape)}; LoRA weights must be floating-point matrices"
@@ -163,21 +175,24 @@ def _check_tensors(layers: dict[str, Layer], file: Path) -> None:
 
 
 def _fits(layer: Layer, shape: torch.Size) -> bool:
-    if layer.kind != "lora":
-        from sdtune.adapters.lowrank import compute_delta
+    """Whether the layer's factors multiply out to a change of `shape` (checked on the meta
+    device: shapes only, no arithmetic), with a magnitude per output row for DoRA."""
+    from dataclasses import replace
 
-        try:
-            compute_delta(layer, shape)
-        except (SdtuneError, RuntimeError):
-            return False
-        return True
-    down, up = layer.down, layer.up
-    return (
-        down.ndim == up.ndim == len(shape)
-        and up.shape[0] == shape[0]
-        and down.flatten(1).shape[1] == shape[1:].numel()
-        and up.flatten(1).shape[1] == down.shape[0]
-    )
+    from sdtune.adapters.lowrank import compute_delta
+
+    def meta(t):
+        return None if t is None else t.to("meta")
+
+    factors = {k: meta(v) for k, v in layer.factors.items()}
+    probe = replace(layer, down=meta(layer.down), up=meta(layer.up), factors=factors)
+    try:
+        compute_delta(probe, shape)
+    except (RuntimeError, SdtuneError, KeyError, IndexError, ValueError):
+        return False
+    if layer.magnitude is not None and layer.magnitude.numel() != shape[0]:
+        return False
+    return layer.kind != "lora" or layer.down.ndim == len(shape) == layer.up.ndim
 
 
 def _shown(items: list[str]) -> str:
@@ -191,8 +206,9 @@ def check_fits(adapter: Adapter, modules: dict[str, torch.Size], base: str) -> N
     wrong = []
     for module, layer in sorted(adapter.layers.items()):
         if module in modules and not _fits(layer, modules[module]):
-            got = layer.up.shape[0] if layer.kind == "lora" else "?"
-            width = layer.down.flatten(1).shape[1] if layer.kind == "lora" else "?"
+            from sdtune.adapters.lowrank import compute_out_in
+
+            got, width = compute_out_in(layer)
             shape = tuple(modules[module])
             wrong.append(f"{module} (adapter out {got} x in {width}, model weight {shape})")
     if not (missing or wrong):
@@ -222,14 +238,51 @@ def check_family(adapter: Adapter, base) -> None:
         )
 
 
+def _lora_for_peft(pipe, adapter: Adapter, modules: dict) -> dict[str, torch.Tensor]:
+    """Every layer as an exact LoRA (no SVD) in peft's names, alpha folded in.
+
+    A DoRA adapter whose file gives some modules no magnitude gets, for those, the norm of
+    their adapted weight: peft would otherwise rescale them to the base weight's norm.
+    """
+    from sdtune.adapters.lowrank import as_lora, compute_adapted_weight
+
+    layers = {m: as_lora(layer, modules[m]) for m, layer in adapter.layers.items()}
+    if adapter.dora:
+        for module, layer in layers.items():
+            if layer.magnitude is None:
+                weight = module_weight(pipe, module).detach()
+                layer.magnitude = compute_adapted_weight(layer, weight).flatten(1).norm(dim=1)
+    state = formats.to_peft_state_dict(layers)
+    text = getattr(pipe, formats.TEXT_ENCODER, None)
+    if text is not None and hasattr(text, "text_model"):  # transformers 4 names the level
+        prefix = formats.TEXT_ENCODER + "."
+        state = {
+            (prefix + "text_model." + k[len(prefix) :] if k.startswith(prefix) else k): v
+            for k, v in state.items()
+        }
+    return state
+
+
+def module_weight(pipe, module: str) -> torch.nn.Parameter:
+    """The base weight of a canonical module of `pipe` (under any peft wrapper)."""
+    part, _, name = module.partition(".")
+    model = getattr(pipe, part)
+    if part == formats.TEXT_ENCODER and hasattr(model, "text_model"):
+        name = "text_model." + name
+    target = model.get_submodule(name)
+    if hasattr(target, "get_base_layer"):
+        target = target.get_base_layer()
+    return target.weight
+
+
 def attach_adapter(pipe, path: str | Path, adapter_name: str) -> Adapter:
     """Read, check and attach the adapter at `path` to `pipe` live, under `adapter_name`.
 
-    sdtune/diffusers files with diffusers' metadata go through diffusers' own loader (which
-    keeps DoRA magnitudes); every other layout is converted to LoRA layers (LoHa/LoKr exactly,
-    by SVD at their numerical rank) with alpha folded into `up`, and handed over as a dict.
+    Every layout is read by sdtune (so every loading path applies the same layers at the same
+    strength, whatever key spelling or alpha_pattern the file uses) and handed to diffusers as
+    exact LoRA layers with alpha folded into `up`: LoHa, LoKr and Tucker layers in their exact
+    LoRA form, DoRA with its magnitudes.
     """
-    from sdtune.adapters.lowrank import as_lora
     from sdtune.models.families import detect_family
 
     base = detect_family(pipe)
@@ -237,11 +290,7 @@ def attach_adapter(pipe, path: str | Path, adapter_name: str) -> Adapter:
     adapter = read_adapter(path, modules)
     check_family(adapter, base)
     check_fits(adapter, modules, base.name)
-    if adapter.layout == "diffusers" and DIFFUSERS_METADATA_KEY in adapter.header:
-        source = str(adapter.path)
-    else:
-        layers = {m: as_lora(layer, modules[m]) for m, layer in adapter.layers.items()}
-        source = formats.to_peft_state_dict(layers)
+    source = _lora_for_peft(pipe, adapter, modules)
     try:
         pipe.load_lora_weights(source, adapter_name=adapter_name)
     except (

@@ -1,10 +1,12 @@
 """Fuse adapters into a model, merge several adapters into one, resize, and extract a LoRA.
 
 All four are the same arithmetic on per-module weight changes (`lowrank.compute_delta`):
-fusing adds `weight * delta` to the base weights; merging concatenates the factors (exact) or
-re-factors the summed change by truncated SVD; resizing re-factors one adapter's changes; and
-extracting factors the difference between a fine-tuned model and its base. The SVD reports how
-much of each change a rank keeps (energy = kept share of the squared singular values).
+fusing adds `weight * delta` to the base weights (DoRA layers then rescale each output row to
+their magnitude, as peft does); merging concatenates the factors (exact; LoHa and LoKr in their
+exact LoRA form) or re-factors the summed change by truncated SVD; resizing re-factors one
+adapter's changes; and extracting factors the difference between a fine-tuned model and its
+base. The SVD reports how much of each change a rank keeps (energy = kept share of the squared
+singular values).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from sdtune.adapters.load import (
     check_family,
     check_fits,
     model_modules,
+    module_weight,
     read_adapter,
 )
-from sdtune.adapters.lowrank import compute_delta, factorize
+from sdtune.adapters.lowrank import as_lora, compute_adapted_weight, compute_delta, factorize
 from sdtune.errors import SdtuneError
 
 
@@ -38,14 +41,6 @@ class LayerReport:
     relative_error: float
 
 
-def _module_weight(pipe, module: str) -> torch.nn.Parameter:
-    part, _, name = module.partition(".")
-    target = getattr(pipe, part).get_submodule(name)
-    if hasattr(target, "get_base_layer"):
-        target = target.get_base_layer()
-    return target.weight
-
-
 def lora_shape(layer: Layer) -> torch.Size:
     """The weight shape a LoRA layer's change has (out, in) or (out, in, kh, kw)."""
     return torch.Size((layer.up.shape[0], *layer.down.shape[1:]))
@@ -55,7 +50,8 @@ def fuse_adapters(pipe, adapters: list[tuple[str | Path, float]]) -> list[Adapte
     """Add `weight * delta` of every (adapter, weight) to `pipe`'s base weights, in place.
 
     Every adapter is read and checked against the model before any weight changes, so a bad
-    one leaves the model untouched. DoRA adapters are refused: their change is not additive.
+    one leaves the model untouched. A DoRA layer rescales the adapted weight to its magnitude,
+    as diffusers' `fuse_lora` does.
     """
     from sdtune.models.families import detect_family
 
@@ -66,17 +62,12 @@ def fuse_adapters(pipe, adapters: list[tuple[str | Path, float]]) -> list[Adapte
         adapter = read_adapter(path, modules)
         check_family(adapter, base)
         check_fits(adapter, modules, base.name)
-        if adapter.dora:
-            raise SdtuneError(
-                f"'{adapter.path}' is a DoRA adapter; fuse it with diffusers' fuse_lora"
-            )
         read.append((adapter, float(weight)))
     with torch.no_grad():
         for adapter, weight in read:
             for module, layer in adapter.layers.items():
-                param = _module_weight(pipe, module)
-                delta = compute_delta(layer, param.shape)
-                param.add_((weight * delta).to(param.dtype))
+                param = module_weight(pipe, module)
+                param.copy_(compute_adapted_weight(layer, param, weight).to(param.dtype))
     return [adapter for adapter, _ in read]
 
 
@@ -114,13 +105,17 @@ def merge_adapters(
 
     Without `rank`, the factors are concatenated (ranks add up; exact). With `rank`, each
     module's summed change is re-factored by truncated SVD and the kept energy reported.
+    LoHa, LoKr and Tucker layers take part through their exact LoRA form (`lowrank.as_lora`).
     """
     by_module: dict[str, list[tuple[Layer, float]]] = {}
     for adapter, weight in adapters:
         for module, layer in adapter.layers.items():
-            if layer.kind != "lora":
-                raise SdtuneError(f"'{adapter.path}': {module} is {layer.kind}; merge needs LoRA")
-            by_module.setdefault(module, []).append((layer, weight))
+            if layer.magnitude is not None:
+                raise SdtuneError(
+                    f"'{adapter.path}': {module} is a DoRA layer, which rescales the weight "
+                    "instead of adding to it; fuse it into a model with merge --base instead"
+                )
+            by_module.setdefault(module, []).append((as_lora(layer), weight))
     merged, reports = {}, []
     for module, parts in sorted(by_module.items()):
         if rank is None:
@@ -161,8 +156,8 @@ def extract_lora(
         for module in sorted(base_modules):
             if module.partition(".")[0] not in PARTS:
                 continue
-            before = _module_weight(base, module).float()
-            diff = _module_weight(tuned, module).float() - before
+            before = module_weight(base, module).float()
+            diff = module_weight(tuned, module).float() - before
             norm = float(diff.norm())
             if norm <= min_relative_change * max(float(before.norm()), 1e-12):
                 continue
