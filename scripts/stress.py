@@ -248,7 +248,9 @@ def training_rounds(args, model: Path, data: Path, work: Path, rng: random.Rando
         out = work / f"round-{round_index}"
         base = train_args(model, data, out, args.steps)
         finished = False
-        modes = rng.sample(KILL_MODES, len(KILL_MODES))  # each kind of kill once per 5 kills
+        # Each kind of kill once per five kills; the final write's last (a run killed there
+        # has no checkpoint left to write, so no other kind could follow it).
+        modes = [*rng.sample(KILL_MODES[:-1], len(KILL_MODES) - 1), KILL_MODES[-1]]
         for i in range(args.kills):
             if kill_once(out, base, rng, timing, tally, modes[i % len(modes)]):
                 finished = True
