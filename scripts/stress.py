@@ -55,8 +55,9 @@ def dying_save(obj, path, *a, **k):
         die()
     return real_save(obj, path, *a, **k)
 def dying_rmtree(path, *a, **k):
-    if mode == "prune" and os.path.basename(path).startswith(".pruning-"):
-        os.unlink(os.path.join(path, "pytorch_lora_weights.safetensors"))
+    adapter = os.path.join(path, "pytorch_lora_weights.safetensors")
+    if mode == "prune" and os.path.basename(path).startswith(".pruning-") and os.path.exists(adapter):
+        os.unlink(adapter)  # (a leftover of an earlier kill, its adapter gone, is cleaned up)
         die()
     return real_rmtree(path, *a, **k)
 moved = []
@@ -154,9 +155,13 @@ def start_args(out: Path, base: list[str]) -> list[str]:
     return [*base, "output.overwrite=true"] if out.exists() else base
 
 
-def kill_once(out: Path, base: list[str], rng: random.Random, timing, tally: Tally) -> bool:
-    """Start the run and kill it somewhere; True if it finished before the kill came."""
-    mode = rng.choice(["time", "time", "write", "state", "prune", "final"])
+KILL_MODES = ("time", "write", "state", "prune", "final")
+
+
+def kill_once(
+    out: Path, base: list[str], rng: random.Random, timing, tally: Tally, mode: str
+) -> bool:
+    """Start the run and kill it (`mode`: where); True if it finished before the kill came."""
     args = start_args(out, base)
     hook = None
     if mode in ("state", "prune", "final"):
@@ -243,8 +248,11 @@ def training_rounds(args, model: Path, data: Path, work: Path, rng: random.Rando
         out = work / f"round-{round_index}"
         base = train_args(model, data, out, args.steps)
         finished = False
-        for _ in range(args.kills):
-            if kill_once(out, base, rng, timing, tally):
+        # Each kind of kill once per five kills; the final write's last (a run killed there
+        # has no checkpoint left to write, so no other kind could follow it).
+        modes = [*rng.sample(KILL_MODES[:-1], len(KILL_MODES) - 1), KILL_MODES[-1]]
+        for i in range(args.kills):
+            if kill_once(out, base, rng, timing, tally, modes[i % len(modes)]):
                 finished = True
                 break
         for _ in range(10):  # resume until done (a resume may itself be the one that finishes)

@@ -30,8 +30,9 @@ import os, shutil, signal, sys
 mode = sys.argv[1]
 real_rmtree, real_replace = shutil.rmtree, os.replace
 def dying_rmtree(path, *a, **k):
-    if mode == "prune" and os.path.basename(path).startswith(".pruning-"):
-        os.unlink(os.path.join(path, "pytorch_lora_weights.safetensors"))
+    adapter = os.path.join(path, "pytorch_lora_weights.safetensors")
+    if mode == "prune" and os.path.basename(path).startswith(".pruning-") and os.path.exists(adapter):
+        os.unlink(adapter)  # (a leftover of an earlier kill, its adapter gone, is cleaned up)
         os.kill(os.getpid(), signal.SIGKILL)
     return real_rmtree(path, *a, **k)
 moved = []
