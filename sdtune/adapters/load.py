@@ -11,6 +11,7 @@ instead of a shape-mismatch traceback from deep inside peft.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from sdtune.adapters import formats
+from sdtune.adapters import layout as file_layout
 from sdtune.adapters.formats import Layer
 from sdtune.adapters.io import (
     DIFFUSERS_METADATA_KEY,
@@ -28,6 +30,7 @@ from sdtune.adapters.io import (
 )
 from sdtune.errors import SdtuneError, first_line
 
+logger = logging.getLogger("sdtune.adapters")
 PEFT_CONFIG = "adapter_config.json"
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding")
 # Cross-attention reads text of this width: it tells SD 1 from SD 2 adapters.
@@ -43,6 +46,8 @@ class Adapter:
     layers: dict[str, Layer]
     header: dict[str, str] = field(default_factory=dict)
     dora: bool = False  # DoRA magnitudes present: only diffusers' loader applies them
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA, by module
+    repairs: list[str] = field(default_factory=list)  # why the file is not in today's layout
 
     @property
     def family(self) -> str | None:
@@ -147,7 +152,24 @@ def read_adapter(path: str | Path, modules: dict[str, torch.Size]) -> Adapter:
             layers[module].alpha = alpha
     _check_tensors(layers, file)
     dora = any("lora_magnitude_vector" in key for key in state)
-    return Adapter(file, layout, layers, header, dora)
+    adapter = Adapter(file, layout, layers, header, dora)
+    if layout in ("diffusers", "peft"):
+        adapter.magnitudes = _magnitudes(state)
+    if layout == "diffusers" and DIFFUSERS_METADATA_KEY in header:
+        adapter.repairs = file_layout.needs_rewrite(state, read_diffusers_metadata(header, file))
+    elif layout == "diffusers":
+        adapter.repairs = file_layout.needs_rewrite(state, {})
+    return adapter
+
+
+def _magnitudes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DoRA magnitude vectors by canonical module name (PEFT folders: without their prefix)."""
+    found = {}
+    for key, value in state.items():
+        module = file_layout.split_magnitude_key(key.removeprefix(formats.PEFT_PREFIX))
+        if module is not None:
+            found[module] = value
+    return found
 
 
 def _check_tensors(layers: dict[str, Layer], file: Path) -> None:
@@ -225,9 +247,10 @@ def check_family(adapter: Adapter, base) -> None:
 def attach_adapter(pipe, path: str | Path, adapter_name: str) -> Adapter:
     """Read, check and attach the adapter at `path` to `pipe` live, under `adapter_name`.
 
-    sdtune/diffusers files with diffusers' metadata go through diffusers' own loader (which
-    keeps DoRA magnitudes); every other layout is converted to LoRA layers (LoHa/LoKr exactly,
-    by SVD at their numerical rank) with alpha folded into `up`, and handed over as a dict.
+    A file in the layout sdtune writes goes to diffusers' own loader as it is. Every other
+    layout (kohya, PEFT folders, diffusers files in older or mixed names) is converted to LoRA
+    layers (LoHa/LoKr exactly, by SVD at their numerical rank) with alpha folded into `up`,
+    DoRA magnitudes kept, and handed over as a dict; what was repaired is logged in one line.
     """
     from sdtune.adapters.lowrank import as_lora
     from sdtune.models.families import detect_family
@@ -237,11 +260,16 @@ def attach_adapter(pipe, path: str | Path, adapter_name: str) -> Adapter:
     adapter = read_adapter(path, modules)
     check_family(adapter, base)
     check_fits(adapter, modules, base.name)
-    if adapter.layout == "diffusers" and DIFFUSERS_METADATA_KEY in adapter.header:
+    as_written = adapter.layout == "diffusers" and DIFFUSERS_METADATA_KEY in adapter.header
+    if as_written and not adapter.repairs:
         source = str(adapter.path)
     else:
         layers = {m: as_lora(layer, modules[m]) for m, layer in adapter.layers.items()}
-        source = formats.to_peft_state_dict(layers)
+        folded = formats.to_peft_state_dict(layers)
+        source = {file_layout.file_prefix(k): v for k, v in folded.items()}
+        for module, magnitude in adapter.magnitudes.items():
+            source[file_layout.file_prefix(module) + file_layout.MAGNITUDE] = magnitude
+        log_repairs(adapter)
     try:
         pipe.load_lora_weights(source, adapter_name=adapter_name)
     except (
@@ -254,3 +282,16 @@ def attach_adapter(pipe, path: str | Path, adapter_name: str) -> Adapter:
             f"adapter '{adapter.path}' does not fit the base model: {first_line(exc)}"
         ) from None
     return adapter
+
+
+def log_repairs(adapter: Adapter) -> None:
+    """One line saying what of an older diffusers-layout file was read differently, if anything."""
+    if adapter.repairs:
+        logger.warning(
+            "adapter '%s': repaired on loading (%s); all %d modules loaded; "
+            "`sdtune convert %s --to diffusers --out NEW.safetensors` rewrites it",
+            adapter.path,
+            "; ".join(adapter.repairs),
+            len(adapter.layers),
+            adapter.path,
+        )
