@@ -16,6 +16,7 @@ from pathlib import Path
 from sdtune import __version__
 from sdtune.adapters import formats
 from sdtune.adapters import layout as file_layout
+from sdtune.adapters.check import check_file_before_write
 from sdtune.adapters.formats import Layer
 from sdtune.adapters.io import (
     DIFFUSERS_METADATA_KEY,
@@ -153,7 +154,8 @@ def export_kohya(
     `family` is the base model family (e.g. "sd1", "sd2-v"); None reads it from the header.
     `base`, a pipeline (e.g. the one just trained), is the model to check the keys against;
     without it, a full-size model of the family (built on the meta device) is used.
-    Fails, naming the keys, if any module is not part of that model.
+    Fails, naming the keys, if any module is not part of that model, or if diffusers,
+    AUTOMATIC1111 or ComfyUI would not load every module (`sdtune.adapters.check`).
     """
     out_path = check_writable(out_path, overwrite)
     adapter, fam, modules = read_for_family(adapter_path, family, base)
@@ -165,6 +167,7 @@ def export_kohya(
     if unmapped:  # cannot happen unless the key map is wrong: then never write the file
         raise SdtuneError(f"kohya names {unmapped[:3]} map to no module of the {fam.name} model")
     meta = kohya_metadata(layers, adapter.header, fam)
+    check_file_before_write(state, {"format": "pt", **meta}, fam.name, base)
     return write_safetensors(out_path, state, meta, overwrite)
 
 
@@ -175,7 +178,7 @@ def export_diffusers(
     overwrite: bool = False,
     base=None,
 ) -> Path:
-    """Write any adapter in the layout sdtune trains into (`sdtune.adapters.layout`): PEFT
+    """Write any adapter, checked with diffusers first, in the layout sdtune trains into (`sdtune.adapters.layout`): PEFT
     names, real alphas and the LoraConfig fields in diffusers' metadata, DoRA magnitudes kept.
 
     This is also how a file of the earlier mixed layout is rewritten. LoHa/LoKr layers become
@@ -192,6 +195,7 @@ def export_diffusers(
     meta[METADATA_PREFIX + "exported_from"] = adapter.layout
     state, per_part = file_layout.layers_to_file(layers, adapter.magnitudes)
     meta[DIFFUSERS_METADATA_KEY] = file_layout.metadata_header(per_part)
+    check_file_before_write(state, {"format": "pt", **meta}, fam.name, base)
     return write_safetensors(out_path, state, meta, overwrite)
 
 

@@ -479,6 +479,24 @@ def validate(run: Run) -> float:
     return value
 
 
+def write_kohya_file(run: Run, path: Path, pipe) -> Path | None:
+    """`<run folder>.safetensors` for A1111/ComfyUI, checked first; the run's adapter is already
+    saved, so a file that cannot be made is a warning, not a failed run."""
+    from sdtune.adapters.export import export_kohya
+
+    if run.cfg.lora.use_dora:
+        logger.warning("no kohya file: the kohya LoRA layout cannot hold DoRA magnitudes")
+        return None
+    out = run.out / f"{run.out.name}.safetensors"
+    try:
+        kohya = export_kohya(path, out, run.family.name, overwrite=True, base=pipe)
+    except SdtuneError as exc:
+        logger.warning("no kohya file: %s", exc)
+        return None
+    logger.info("kohya/A1111/ComfyUI file %s", kohya)
+    return kohya
+
+
 def save_final(run: Run) -> Path:
     """The adapter (and its EMA), a sample image and the model card."""
     if run.validation is not None:
@@ -492,16 +510,9 @@ def save_final(run: Run) -> Path:
         samples = [save_samples(run, "final")] if run.cfg.output.sample_prompts else []
         info = adapter_info(run.cfg, pipe, run.family, run.progress.step)
         if run.cfg.output.export_kohya:
-            from sdtune.adapters.export import export_kohya
-
-            kohya = export_kohya(
-                path,
-                run.out / f"{run.out.name}.safetensors",
-                run.family.name,
-                overwrite=True,
-                base=pipe,
-            )
-            logger.info("kohya/A1111 file %s", kohya)
+            kohya = write_kohya_file(run, path, pipe)
+            if kohya is not None:
+                info["kohya_file"] = kohya.name
         card = write_model_card(run.out, info, [p.relative_to(run.out) for p in samples])
         logger.info("model card %s", card)
     return path
