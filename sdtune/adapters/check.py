@@ -1,7 +1,8 @@
 """`sdtune check`: how many modules of an adapter file each consumer would load, and which not.
 
 Consumers: diffusers (its own `load_lora_weights`, run on an empty copy of the model: weights on
-the meta device, so a full-size check allocates nothing), AUTOMATIC1111 and ComfyUI/Forge (their
+the meta device, so a full-size check allocates nothing; with `--model`, a fresh model of
+its shapes, where a module that was wrapped but left without the file's weights also shows), AUTOMATIC1111 and ComfyUI/Forge (their
 key-matching rules, re-stated in `sdtune.adapters.consumers` and run on the model's weights in
 the original (LDM) layout they load). A module counts as loaded when the consumer patches the
 right module at the strength the file means (alpha / rank): ComfyUI and A1111 read alpha only
@@ -94,8 +95,9 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _empty_like(base):
-    """An empty (meta-device) pipeline of the same family and shapes as `base`."""
+def _fresh_like(base):
+    """A pipeline of the same family and shapes as `base`, without its adapters (random
+    weights: what is checked is which LoRA weights diffusers loads, not the base's)."""
     from sdtune.models.build import build_pipeline, load_family_configs
     from sdtune.models.families import detect_family
 
@@ -104,7 +106,7 @@ def _empty_like(base):
     configs["unet"] = dict(base.unet.config)
     configs["vae"] = dict(base.vae.config)
     configs["text_encoder"] = base.text_encoder.config.to_dict()
-    return build_pipeline(family, configs, empty=True)
+    return build_pipeline(family, configs)
 
 
 @lru_cache(maxsize=4)
@@ -155,11 +157,21 @@ def diffusers_applied(path: Path, empty_pipe) -> tuple[dict[str, float], str]:
     scales = {}
     for part in formats.PARTS:
         for name, module in getattr(pipe, part).named_modules():
-            if isinstance(module, BaseTunerLayer) and "check" in getattr(module, "scaling", {}):
+            if isinstance(module, BaseTunerLayer) and _loaded_from_file(module):
                 scales[formats.strip_text_model(f"{part}.{name}")] = float(module.scaling["check"])
     said = [str(w.message) for w in caught if issubclass(w.category, (UserWarning, RuntimeWarning))]
     said += [line for line in messages.getvalue().splitlines() if "LoRA keys" not in line]
     return scales, (said[0].strip().splitlines()[0] if said else "")
+
+
+def _loaded_from_file(module) -> bool:
+    """Whether diffusers put the file's weights into a wrapped module: peft starts B at zero, so
+    a module whose B is still zero was wrapped but not loaded (the fate of a mixed file's
+    attention layers). On the meta device values cannot be read: wrapped counts as loaded."""
+    if "check" not in getattr(module, "scaling", {}):
+        return False
+    up = module.lora_B["check"].weight
+    return up.device.type == "meta" or bool(up.detach().abs().sum() > 0)
 
 
 def down_keys(state: dict[str, torch.Tensor], layout: str, modules) -> dict[str, str]:
@@ -206,7 +218,7 @@ def check_adapter(path: str | Path, family: str | None = None, base=None) -> Che
         raise SdtuneError(
             f"'{adapter.path}' holds LoHa/LoKr layers; the check covers LoRA and LoCon files"
         )
-    empty = _empty_like(base) if base is not None else _empty_family(fam.name)
+    empty = _fresh_like(base) if base is not None else _empty_family(fam.name)
     ldm = ldm_shapes_of(empty) if base is not None else _family_ldm_shapes(fam.name)
     intended = {m: _intended_scale(layer) for m, layer in adapter.layers.items()}
     keys = down_keys(state, adapter.layout, modules)

@@ -118,8 +118,9 @@ def library_warnings():
     said += [str(w.message) for w in caught if not issubclass(w.category, FutureWarning)]
 
 
-def make_adapter(folder, unet: str, te: str, variant: str):
-    """A tiny SD 1 LoRA with every module's update non-zero; (file, image, wrapped modules)."""
+def make_adapter(folder, unet: str, te: str, variant: str, keep: list | None = None):
+    """A tiny SD 1 LoRA with every module's update non-zero; (file, image, wrapped modules).
+    `keep`, a list, receives the trained pipeline."""
     pipe = build_tiny_pipeline("sd1")
     settings = {
         "model.path": "m",
@@ -142,6 +143,8 @@ def make_adapter(folder, unet: str, te: str, variant: str):
                     param.mul_(1 + 0.2 * torch.rand(param.shape, generator=gen))
     text_encoder = pipe.text_encoder if te != "off" else None
     path = save_adapter(folder, pipe.unet, text_encoder, {"family": "sd1"})
+    if keep is not None:
+        keep.append(pipe)
     return path, _uint8(pipe), _wrapped(pipe)
 
 
