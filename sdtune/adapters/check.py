@@ -260,9 +260,10 @@ def check_file_before_write(
     failed = report.failures()
     if failed:
         first = failed[0]
-        names = (first.not_loaded + first.wrong_strength)[:3]
+        names = first.not_loaded + first.wrong_strength
+        count = len([n for n in names if not n.startswith("(")])
         raise SdtuneError(
-            f"{first.consumer} would not load {len(first.not_loaded) + len(first.wrong_strength)} "
-            f"of {report.modules} modules ({', '.join(names)}); nothing was written"
+            f"{first.consumer} would not load {count} of {report.modules} modules "
+            f"({', '.join(names[:3])}); nothing was written"
         )
     return report
