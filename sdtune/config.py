@@ -309,7 +309,9 @@ class OutputConfig:
     dir: str = option("outputs/lora", "folder for the adapter, config, logs and samples")
     overwrite: bool = option(False, "allow writing into a folder that already holds a run")
     export_kohya: bool = option(
-        False, "also write <run folder name>.safetensors in the kohya/A1111/ComfyUI layout"
+        True,
+        "also write <run folder name>.safetensors in the kohya layout, the file AUTOMATIC1111 "
+        "and ComfyUI read (checked before writing)",
     )
     log_with: str = option(
         "tensorboard",

@@ -54,9 +54,26 @@ def build_model_card(info: dict, samples: list[Path] | None = None, title: str =
         "",
         'sdtune: `sdtune generate --lora <this folder> --prompt "..."`.',
         "",
-        "The file uses diffusers key names (`unet.*`, `text_encoder.*`). AUTOMATIC1111 and "
-        "ComfyUI read the kohya layout (`lora_unet_*`, `lora_te_*`): make that file with "
-        "`sdtune convert pytorch_lora_weights.safetensors --to kohya --out <name>.safetensors`.",
+        "## Which file goes where",
+        "",
+        "| file | for |",
+        "|---|---|",
+        "| `pytorch_lora_weights.safetensors` | diffusers (`load_lora_weights`), peft, sdtune |",
+    ]
+    kohya = info.get("kohya_file")
+    if kohya:
+        lines.append(f"| `{kohya}` | AUTOMATIC1111, Forge, ComfyUI (kohya layout); sdtune |")
+    lines += [
+        "",
+        "AUTOMATIC1111 and ComfyUI do not read the diffusers file whole (ComfyUI skips its "
+        "attention layers and its header alpha), so give them the kohya file"
+        + (
+            "."
+            if kohya
+            else ": make it with `sdtune convert pytorch_lora_weights.safetensors --to kohya "
+            "--out <name>.safetensors`."
+        )
+        + " `sdtune check FILE` says how many modules each of them loads.",
         "",
         "## Training settings",
         "",

@@ -1,8 +1,8 @@
 """Convert adapters between layouts, checking every key against the target family first.
 
 `export_kohya` writes the file A1111, ComfyUI and kohya's tools read (keys in `formats`), with
-kohya's `ss_*` header fields beside sdtune's own. `export_diffusers` writes the layout
-diffusers' `load_lora_weights` reads without metadata (alpha folded into `up`). Nothing is
+kohya's `ss_*` header fields beside sdtune's own. `export_diffusers` writes the layout sdtune
+trains into, which diffusers' `load_lora_weights` and peft read unchanged. Nothing is
 written unless every module maps to a module of the target family's model, so a file that
 would give "lora key not loaded" in a UI is never produced.
 """
@@ -15,8 +15,11 @@ from pathlib import Path
 
 from sdtune import __version__
 from sdtune.adapters import formats
+from sdtune.adapters import layout as file_layout
+from sdtune.adapters.check import check_file_before_write
 from sdtune.adapters.formats import Layer
 from sdtune.adapters.io import (
+    DIFFUSERS_METADATA_KEY,
     METADATA_PREFIX,
     check_writable,
     resolve_adapter_path,
@@ -189,7 +192,8 @@ def export_kohya(
     `family` is the base model family (e.g. "sd1", "sd2-v"); None reads it from the header.
     `base`, a pipeline (e.g. the one just trained), is the model to check the keys against;
     without it, a full-size model of the family (built on the meta device) is used.
-    Fails, naming the keys, if any module is not part of that model.
+    Fails, naming the keys, if any module is not part of that model, or if diffusers,
+    AUTOMATIC1111 or ComfyUI would not load every module (`sdtune.adapters.check`).
     """
     out_path = check_writable(out_path, overwrite)
     adapter, fam, modules = read_for_family(adapter_path, family, base)
@@ -201,6 +205,7 @@ def export_kohya(
     if unmapped:  # cannot happen unless the key map is wrong: then never write the file
         raise SdtuneError(f"kohya names {unmapped[:3]} map to no module of the {fam.name} model")
     meta = kohya_metadata(layers, adapter.header, fam)
+    check_file_before_write(state, {"format": "pt", **meta}, fam.name, base)
     return write_safetensors(out_path, state, meta, overwrite)
 
 
@@ -211,10 +216,12 @@ def export_diffusers(
     overwrite: bool = False,
     base=None,
 ) -> Path:
-    """Write any adapter as a diffusers-loadable file (`unet.*.lora_A/B`, alpha folded in).
+    """Write any adapter, checked with diffusers first, in the layout sdtune trains into (`sdtune.adapters.layout`): PEFT
+    names, real alphas and the LoraConfig fields in diffusers' metadata, DoRA magnitudes kept.
 
-    LoHa/LoKr layers become LoRA at their exact rank, which needs the modules' shapes: pass
-    `base` for a model that is not full-size.
+    This is also how a file of the earlier mixed layout is rewritten. LoHa/LoKr layers become
+    LoRA at their exact rank, which needs the modules' shapes: pass `base` for a model that is
+    not full-size.
     """
     from sdtune.adapters.lowrank import as_lora
 
@@ -224,7 +231,11 @@ def export_diffusers(
     meta = {k: v for k, v in adapter.header.items() if k.startswith(METADATA_PREFIX)}
     meta[METADATA_PREFIX + "family"] = fam.name
     meta[METADATA_PREFIX + "exported_from"] = adapter.layout
-    return write_safetensors(out_path, formats.to_peft_state_dict(layers), meta, overwrite)
+    magnitudes = {m: x.magnitude for m, x in adapter.layers.items() if x.magnitude is not None}
+    state, per_part = file_layout.layers_to_file(layers, magnitudes)
+    meta[DIFFUSERS_METADATA_KEY] = file_layout.metadata_header(per_part)
+    check_file_before_write(state, {"format": "pt", **meta}, fam.name, base)
+    return write_safetensors(out_path, state, meta, overwrite)
 
 
 def write_layers(
@@ -254,4 +265,6 @@ def write_layers(
         return write_safetensors(out_path, state, kohya_metadata(layers, header, fam), overwrite)
     if layout != "diffusers":
         raise SdtuneError(f"unknown adapter layout '{layout}'; expected diffusers or kohya")
-    return write_safetensors(out_path, formats.to_peft_state_dict(layers), header, overwrite)
+    state, per_part = file_layout.layers_to_file(layers)
+    header[DIFFUSERS_METADATA_KEY] = file_layout.metadata_header(per_part)
+    return write_safetensors(out_path, state, header, overwrite)

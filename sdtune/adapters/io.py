@@ -1,9 +1,10 @@
 """Saving and loading adapters as diffusers-loadable safetensors with sdtune metadata.
 
-The file is the one `StableDiffusionPipeline.load_lora_weights` reads (`unet.*` and
-`text_encoder.*` keys). Its header carries diffusers' adapter metadata (so rank *and* alpha
-survive a reload) plus sdtune's own keys: family, base model, rank, alpha, targets, trigger
-word, resolution and the resolved training config.
+The file is the one `StableDiffusionPipeline.load_lora_weights` and peft read unchanged: peft's
+key names under `unet.` and `text_encoder.text_model.` (see `sdtune.adapters.layout`). Its
+header carries diffusers' adapter metadata (so rank *and* alpha survive a reload, in the fields
+every supported peft accepts) plus sdtune's own keys: family, base model, rank, alpha, targets,
+trigger word, resolution and the resolved training config.
 """
 
 from __future__ import annotations
@@ -16,33 +17,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sdtune import __version__
+from sdtune.adapters import layout
 from sdtune.errors import SdtuneError
 
 ADAPTER_FILE_NAME = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # what peft's save_pretrained writes
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 METADATA_PREFIX = "sdtune."
-
-
-def collect_lora_state_dict(unet, text_encoder=None) -> dict[str, torch.Tensor]:
-    """The trained LoRA tensors under the key names diffusers' loader expects."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state = {}
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if model is None:
-            continue
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-        state.update(
-            {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in layers.items()}
-        )
-    return state
-
-
-def _peft_metadata(model) -> dict:
-    config = model.peft_config["default"].to_dict()
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
 
 def save_adapter(
@@ -53,15 +34,18 @@ def save_adapter(
     file_name: str = ADAPTER_FILE_NAME,
 ) -> Path:
     """Write the adapter of `unet` (and `text_encoder`) to `folder/file_name`, atomically."""
+    from peft.utils import get_peft_model_state_dict
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = collect_lora_state_dict(unet, text_encoder)
-    diffusers_meta = {"unet": _peft_metadata(unet)}
-    if text_encoder is not None:
-        diffusers_meta["text_encoder"] = _peft_metadata(text_encoder)
-    # diffusers reads this key as {"unet.<field>": value, "text_encoder.<field>": value}.
-    flat = {f"{p}.{k}": v for p, cfg in diffusers_meta.items() for k, v in cfg.items()}
-    header = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(flat, sort_keys=True)}
+    state, per_part = {}, {}
+    for part, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is None:
+            continue
+        peft_state = get_peft_model_state_dict(model)
+        state.update(layout.peft_state_to_file(part, peft_state))
+        per_part[part] = layout.peft_model_metadata(model, peft_state)
+    header = {"format": "pt", DIFFUSERS_METADATA_KEY: layout.metadata_header(per_part)}
     header[METADATA_PREFIX + "version"] = __version__
     for key, value in (info or {}).items():
         header[METADATA_PREFIX + key] = value if isinstance(value, str) else json.dumps(value)

@@ -11,6 +11,7 @@ instead of a shape-mismatch traceback from deep inside peft.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -19,14 +20,17 @@ import torch
 from safetensors import safe_open
 
 from sdtune.adapters import formats
+from sdtune.adapters import layout as file_layout
 from sdtune.adapters.formats import Layer
 from sdtune.adapters.io import (
+    DIFFUSERS_METADATA_KEY,
     METADATA_PREFIX,
     read_diffusers_metadata,
     resolve_adapter_path,
 )
 from sdtune.errors import SdtuneError, first_line
 
+logger = logging.getLogger("sdtune.adapters")
 PEFT_CONFIG = "adapter_config.json"
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding")
 # Cross-attention reads text of this width: it tells SD 1 from SD 2 adapters.
@@ -42,6 +46,7 @@ class Adapter:
     layers: dict[str, Layer]
     header: dict[str, str] = field(default_factory=dict)
     dora: bool = False  # DoRA magnitudes present: only diffusers' loader applies them
+    repairs: list[str] = field(default_factory=list)  # why the file is not in today's layout
 
     @property
     def family(self) -> str | None:
@@ -160,7 +165,11 @@ def read_adapter(path: str | Path, modules: dict[str, torch.Size]) -> Adapter:
     for module, layer in layers.items():
         layer.shape = modules.get(module)
     dora = any(layer.magnitude is not None for layer in layers.values())
-    return Adapter(file, layout, layers, header, dora)
+    adapter = Adapter(file, layout, layers, header, dora)
+    if layout == "diffusers":  # what of an earlier sdtune layout has to be read differently
+        meta = read_diffusers_metadata(header, file) if DIFFUSERS_METADATA_KEY in header else {}
+        adapter.repairs = file_layout.needs_rewrite(state, meta)
+    return adapter
 
 
 def _check_tensors(layers: dict[str, Layer], file: Path) -> None:
@@ -281,7 +290,8 @@ def attach_adapter(pipe, path: str | Path, adapter_name: str) -> Adapter:
     Every layout is read by sdtune (so every loading path applies the same layers at the same
     strength, whatever key spelling or alpha_pattern the file uses) and handed to diffusers as
     exact LoRA layers with alpha folded into `up`: LoHa, LoKr and Tucker layers in their exact
-    LoRA form, DoRA with its magnitudes.
+    LoRA form, DoRA with its magnitudes. What was repaired of a file in an earlier sdtune
+    layout is logged in one line.
     """
     from sdtune.models.families import detect_family
 
@@ -291,6 +301,7 @@ def attach_adapter(pipe, path: str | Path, adapter_name: str) -> Adapter:
     check_family(adapter, base)
     check_fits(adapter, modules, base.name)
     source = _lora_for_peft(pipe, adapter, modules)
+    log_repairs(adapter)
     try:
         pipe.load_lora_weights(source, adapter_name=adapter_name)
     except (
@@ -303,3 +314,16 @@ def attach_adapter(pipe, path: str | Path, adapter_name: str) -> Adapter:
             f"adapter '{adapter.path}' does not fit the base model: {first_line(exc)}"
         ) from None
     return adapter
+
+
+def log_repairs(adapter: Adapter) -> None:
+    """One line saying what of an older diffusers-layout file was read differently, if anything."""
+    if adapter.repairs:
+        logger.warning(
+            "adapter '%s': repaired on loading (%s); all %d modules loaded; "
+            "`sdtune convert %s --to diffusers --out NEW.safetensors` rewrites it",
+            adapter.path,
+            "; ".join(adapter.repairs),
+            len(adapter.layers),
+            adapter.path,
+        )

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "generate": ("generate", "generate images with a base model and LoRA adapters"),
     "data": ("data", "dry run of the data: buckets, skipped files, caption statistics"),
     "inspect": ("inspect", "show what an adapter file holds: format, family, ranks, metadata"),
+    "check": ("check", "how many modules diffusers, AUTOMATIC1111 and ComfyUI would load"),
     "convert": ("convert", "rewrite an adapter as kohya/A1111/ComfyUI or diffusers, checked"),
     "merge": ("merge", "fuse adapters into a base model, or merge adapters into one"),
     "resize": ("resize", "change an adapter's rank by SVD and report what it keeps"),

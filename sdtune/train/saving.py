@@ -105,13 +105,29 @@ def _stage_final_files(run, staging: Path, draw_samples: Callable[[], Path]) -> 
     samples = [draw_samples()] if cfg.output.sample_prompts else []
     info = adapter_info(cfg, run.pipe, run.family, run.progress.step)
     if cfg.output.export_kohya:
-        from sdtune.adapters.export import export_kohya
-
-        name = f"{out.name}.safetensors"
-        export_kohya(staged, staging / name, run.family.name, overwrite=True, base=run.pipe)
-        logger.info("kohya/A1111 file %s", out / name)
+        kohya = _write_kohya_file(run, staged, staging)
+        if kohya is not None:
+            info["kohya_file"] = kohya.name
     write_model_card(staging, info, [p.relative_to(out) for p in samples], title=out.name)
     save_config(cfg, staging / CONFIG_FILE)
+
+
+def _write_kohya_file(run, adapter: Path, folder: Path) -> Path | None:
+    """`<run folder>.safetensors` for A1111/ComfyUI, checked first; the run's adapter is already
+    made, so a file that cannot be made is a warning, not a failed run."""
+    from sdtune.adapters.export import export_kohya
+
+    if run.cfg.lora.use_dora:
+        logger.warning("no kohya file: the kohya LoRA layout cannot hold DoRA magnitudes")
+        return None
+    name = f"{run.out.name}.safetensors"
+    try:
+        kohya = export_kohya(adapter, folder / name, run.family.name, overwrite=True, base=run.pipe)
+    except SdtuneError as exc:
+        logger.warning("no kohya file: %s", exc)
+        return None
+    logger.info("kohya/A1111/ComfyUI file %s", run.out / name)
+    return kohya
 
 
 def check_weights_finite(run, step: int) -> None:

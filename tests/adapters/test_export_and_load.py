@@ -136,7 +136,7 @@ def test_foreign_kohya_file_for_sd2_fails_on_sd1_naming_both(tmp_path):
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     tensors = {
         f"{name}.lora_down.weight": torch.zeros(4, 1024),  # reads SD 2's 1024-wide text
-        f"{name}.lora_up.weight": torch.zeros(16, 4),
+        f"{name}.lora_up.weight": torch.zeros(320, 4),  # full-size SD 2's to_k: 320 x 1024
         f"{name}.alpha": torch.tensor(4.0),
     }
     save_file(tensors, str(tmp_path / "sd2.safetensors"))
