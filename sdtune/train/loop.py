@@ -54,6 +54,7 @@ from sdtune.train.setup import (
     build_dataloader,
     build_objective,
     check_inputs,
+    check_model_fits,
     enable_gradient_checkpointing,
     load_base,
     resolve_mixed_precision,
@@ -182,6 +183,7 @@ def train(cfg: RunConfig) -> TrainResult:
     report = check_inputs(cfg)
     cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
     pipe, family = load_base(cfg)
+    check_model_fits(pipe, cfg)
     resuming = cfg.train.resume is not None
     out = prepare_output_dir(cfg.output.dir, cfg.output.overwrite or resuming)
     _forget_earlier_runs()
@@ -445,8 +447,11 @@ def save_final(run: Run) -> Path:
     log_cache_totals(run)
     path = save_adapter_files(run, run.out)
     pipe = run.pipe
-    pipe.unet = run.accelerator.unwrap_model(run.unet, keep_torch_compile=False).eval()
-    pipe.text_encoder = run.accelerator.unwrap_model(run.text_encoder).eval()
+    # Training is over: the returned pipeline gets its models' own forward back (without
+    # accelerate's autocast wrapper, whose fp32 outputs a half-precision VAE cannot take).
+    unwrap = run.accelerator.unwrap_model
+    pipe.unet = unwrap(run.unet, keep_fp32_wrapper=False, keep_torch_compile=False).eval()
+    pipe.text_encoder = unwrap(run.text_encoder, keep_fp32_wrapper=False).eval()
     if run.accelerator.is_main_process:
         samples = [save_samples(run, "final")] if run.cfg.output.sample_prompts else []
         info = adapter_info(run.cfg, pipe, run.family, run.progress.step)
