@@ -70,6 +70,7 @@ from sdtune.train.setup import (
     build_dataloader,
     build_objective,
     check_inputs,
+    check_model_fits,
     enable_gradient_checkpointing,
     load_base,
     resolve_mixed_precision,
@@ -205,6 +206,7 @@ def train(cfg: RunConfig) -> TrainResult:
     cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
     resume = load_resume_point(cfg) if cfg.train.resume is not None else None
     pipe, family = load_base(cfg)
+    check_model_fits(pipe, cfg)
     main = os.environ.get("RANK", "0") == "0"  # before the Accelerator: launchers set RANK
     out = prepare_output_dir(cfg.output.dir, cfg.output.overwrite, resume is not None, main)
     _forget_earlier_runs()
@@ -519,6 +521,9 @@ def save_final(run: Run) -> Path:
         validate(run)
     log_cache_totals(run)
     pipe = run.pipe
-    pipe.unet = run.accelerator.unwrap_model(run.unet, keep_torch_compile=False).eval()
-    pipe.text_encoder = run.accelerator.unwrap_model(run.text_encoder).eval()
+    # Training is over: the returned pipeline gets its models' own forward back (without
+    # accelerate's autocast wrapper, whose fp32 outputs a half-precision VAE cannot take).
+    unwrap = run.accelerator.unwrap_model
+    pipe.unet = unwrap(run.unet, keep_fp32_wrapper=False, keep_torch_compile=False).eval()
+    pipe.text_encoder = unwrap(run.text_encoder, keep_fp32_wrapper=False).eval()
     return save_final_files(run, lambda: _samples(run, "final"))

@@ -157,6 +157,26 @@ def load_base(cfg: RunConfig):
     return pipe, family
 
 
+def check_model_fits(pipe, cfg: RunConfig) -> None:
+    """What needs the loaded model, checked before the run folder is made: every LoRA target
+    names modules the model has, and zero terminal SNR comes with v-prediction."""
+    prediction_type = cfg.train.prediction_type or pipe.scheduler.config.prediction_type
+    if cfg.train.zero_terminal_snr and prediction_type == "epsilon":
+        raise SdtuneError(
+            "train.zero_terminal_snr=true needs v-prediction (at SNR 0 the noise is the input, "
+            "so an epsilon model learns nothing it can sample from; Lin et al. 2023): set "
+            "train.prediction_type=v_prediction or use a v-prediction model such as sd2-v"
+        )
+    lora = cfg.lora
+    unet_targets = resolve_unet_targets(lora.unet_targets)
+    check_targets_matched(pipe.unet, unet_targets, "U-Net", UNET_TARGET_PRESETS)
+    if lora.train_text_encoder:
+        te_targets = resolve_text_encoder_targets(lora.text_encoder_targets)
+        check_targets_matched(
+            pipe.text_encoder, te_targets, "text-encoder", TEXT_ENCODER_TARGET_PRESETS
+        )
+
+
 def add_lora_adapters(pipe, cfg: RunConfig) -> list[dict]:
     """Freeze the base, add LoRA to the U-Net (and text encoder); return optimizer param groups."""
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -326,12 +346,6 @@ def build_objective(cfg: RunConfig, scheduler) -> Objective:
         alphas_cumprod = compute_zero_terminal_snr(alphas_cumprod)
     t = cfg.train
     prediction_type = t.prediction_type or scheduler.config.prediction_type
-    if t.zero_terminal_snr and prediction_type == "epsilon":
-        raise SdtuneError(
-            "train.zero_terminal_snr=true needs v-prediction (at SNR 0 the noise is the input, "
-            "so an epsilon model learns nothing it can sample from; Lin et al. 2023): set "
-            "train.prediction_type=v_prediction or use a v-prediction model such as sd2-v"
-        )
     return Objective(
         prediction_type=prediction_type,
         alphas_cumprod=alphas_cumprod,

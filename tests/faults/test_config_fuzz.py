@@ -293,3 +293,15 @@ def test_cli_lora_target_no_module_has_is_one_line_naming_real_ones(
         f"output.dir={tmp_path / 'out'}", "output.log_with=none", "lora.unet_targets=to_q,nope",
     )  # fmt: skip
     _assert_cli_one_line(proc, "LoRA target nope;", "module names such as", "to_q", "more)")
+    assert not (tmp_path / "out").exists()  # nothing left that would block the retry
+
+
+def test_zero_terminal_snr_on_an_epsilon_model_is_refused_before_the_run_folder(
+    tiny_sd1_dir, star_images, tmp_path
+):
+    proc = _cli_command(
+        "train", f"model.path={tiny_sd1_dir}", f"data.dir={star_images}", "data.resolution=32",
+        f"output.dir={tmp_path / 'out'}", "train.zero_terminal_snr=true",
+    )  # fmt: skip
+    _assert_cli_one_line(proc, "train.zero_terminal_snr=true needs v-prediction")
+    assert not (tmp_path / "out").exists()

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -28,6 +29,12 @@ def test_bf16_keeps_the_base_in_bf16_and_the_adapter_in_fp32(tiny_sd1_dir, star_
         base = {p.dtype for n, p in model.named_parameters() if "lora" not in n}
         assert lora == {torch.float32} and base == {torch.bfloat16}
     assert torch.isfinite(torch.tensor(result.last_loss))
+    # The returned pipeline generates in bf16 (its U-Net no longer hands fp32 to the VAE).
+    from sdtune.generate.run import GenerationRequest, generate
+
+    request = GenerationRequest(prompt="a sks star", steps=2, width=32, height=32, output_type="np")
+    image = generate(result.pipeline, request).images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
 @pytest.mark.slow  # inductor compiles the U-Net first: ~30 s on 2 cores
