@@ -15,6 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--family", default=None, help="base model family; read from the file if unset"
     )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the base model the adapter is for (folder, checkpoint or hub id), when it is not a "
+        "full-size model of its family; names and shapes are checked against it",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
@@ -35,6 +41,11 @@ def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     from sdtune.adapters.export import export_diffusers, export_kohya
 
+    base = None
+    if args.model:
+        from sdtune.models.loading import load_pipeline
+
+        base = load_pipeline(args.model, args.family)
     export = export_kohya if args.to == "kohya" else export_diffusers
-    print(export(args.file, args.out, args.family, overwrite=args.overwrite))
+    print(export(args.file, args.out, args.family, overwrite=args.overwrite, base=base))
     return 0

@@ -104,9 +104,11 @@ def test_extract_recovers_a_known_low_rank_difference():
 
 def test_commands_convert_resize_merge_and_push_errors(tmp_path, capsys, monkeypatch):
     path, _ = trained_adapter(tmp_path / "run", **{"lora.unet_targets": "cross-attn"})
+    build_tiny_pipeline("sd1").save_pretrained(tmp_path / "base")  # the model it is for
     kohya = tmp_path / "style.safetensors"
-    assert main(["convert", str(path), "--to", "kohya", "--out", str(kohya)]) == 0
-    assert main(["convert", str(path), "--to", "kohya", "--out", str(kohya)]) == 2
+    convert = ["convert", str(path), "--to", "kohya", "--out", str(kohya)]
+    assert main([*convert, "--model", str(tmp_path / "base")]) == 0
+    assert main(convert) == 2
     assert "already exists" in capsys.readouterr().err
     assert (
         main(["resize", str(kohya), "--rank", "2", "--out", str(tmp_path / "r2.safetensors")]) == 0

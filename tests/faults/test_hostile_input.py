@@ -7,6 +7,7 @@ import pytest
 from sdtune.cli.main import MESSAGE_LIMIT, main
 from sdtune.config import load_config
 from sdtune.errors import SdtuneError
+from sdtune.models.tiny import build_tiny_pipeline
 from tests.adapters.test_export_and_load import trained_adapter
 
 BASE = {"model.path": "m", "data.dir": "d"}
@@ -99,4 +100,8 @@ def test_convert_refuses_a_family_the_file_contradicts(sd1_and_sd2, tmp_path, ca
     argv = ["convert", str(sd2), "--to", "kohya", "--out", str(out), "--family", "sd1"]
     _one_line_error(capsys, argv, "sd2-base adapter", "--family is sd1")
     assert not out.exists()
-    assert main(["convert", str(sd2), "--to", "kohya", "--out", str(out)]) == 0
+    base = tmp_path / "tiny-sd2"  # the tiny model the adapter is for
+    build_tiny_pipeline("sd2-base").save_pretrained(base)
+    assert (
+        main(["convert", str(sd2), "--to", "kohya", "--out", str(out), "--model", str(base)]) == 0
+    )
