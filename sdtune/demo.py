@@ -35,7 +35,9 @@ class DemoSettings:
     """What the demo trains and measures; the defaults are the README's `make demo`."""
 
     concept: str = HELD_OUT_SHAPE  # the shape taught: the ring, or the harder star
-    max_steps: int = 1500  # LoRA optimizer steps
+    # LoRA optimizer steps. With the whole adapter loaded, 1500 steps drew 98% rings but cost the
+    # held-in colours 19 points; 800 steps draw 97% and keep the colours (seed 0, 4 seeds each).
+    max_steps: int = 800
     num_images: int = 96  # rendered training rings
     # Rendered circles, squares and triangles with their plain captions, drawn as often as the
     # rings (prior preservation, as DreamBooth does): without them the LoRA also moves the

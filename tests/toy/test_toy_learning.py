@@ -2,7 +2,7 @@
 
 This is the check that fine-tuning *learns*: the base draws no rings for the trigger prompts,
 and the adapter must make it draw them in at least 30% more of them without losing the held-in
-shapes (the full demo trains 1500 steps instead of 500; with these settings, 3% -> 57% rings
+shapes (the full demo trains 800 steps instead of 500; with these settings, 3% -> 57% rings
 and held-in shape 92% -> 94% were measured while the loader still dropped the adapter's
 attention layers; the whole adapter passes the same assertions). Breaks it was seen to catch: training latents without the
 VAE's scaling factor, the adapter not fused at inference, the text encoder's part not saved.
