@@ -15,7 +15,7 @@ report says where the other file goes.
 
 from __future__ import annotations
 
-import io
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -137,8 +137,48 @@ def diffusers_applied(path: Path, empty_pipe) -> tuple[dict[str, float], str]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     pipe = copy.deepcopy(empty_pipe)
-    messages = io.StringIO()
-    handler = logging.StreamHandler(messages)
+    try:
+        with library_messages() as said:
+            pipe.load_lora_weights(str(path), adapter_name="check", low_cpu_mem_usage=True)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        return {}, f"refused the file: {str(exc).strip().splitlines()[0]}"
+    scales = {}
+    for part in formats.PARTS:
+        for name, module in getattr(pipe, part).named_modules():
+            if isinstance(module, BaseTunerLayer) and _loaded_from_file(module):
+                scales[formats.strip_text_model(f"{part}.{name}")] = float(module.scaling["check"])
+    found = [
+        str(w.message)
+        for w in said.warnings
+        if issubclass(w.category, (UserWarning, RuntimeWarning))
+    ]
+    found += [line for r in said.logs for line in r.splitlines() if "LoRA keys" not in line]
+    return scales, (found[0].strip().splitlines()[0] if found else "")
+
+
+@dataclass
+class LibraryMessages:
+    """What diffusers, peft and transformers said while a block ran."""
+
+    logs: list[str] = field(default_factory=list)  # log records at WARNING or above
+    warnings: list = field(default_factory=list)  # warnings.WarningMessage, every category
+
+
+class _Records(logging.Handler):
+    def __init__(self, logs: list[str]):
+        super().__init__(logging.WARNING)
+        self.logs = logs
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.logs.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def library_messages():
+    """Collect every warning and every diffusers/peft/transformers log record at WARNING or
+    above while the block runs; the loggers' levels and handlers are put back after."""
+    said = LibraryMessages()
+    handler = _Records(said.logs)
     loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -147,21 +187,12 @@ def diffusers_applied(path: Path, empty_pipe) -> tuple[dict[str, float], str]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pipe.load_lora_weights(str(path), adapter_name="check", low_cpu_mem_usage=True)
-    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        return {}, f"refused the file: {str(exc).strip().splitlines()[0]}"
+            yield said
     finally:
+        said.warnings.extend(caught)
         for lg, level in zip(loggers, levels, strict=True):
             lg.removeHandler(handler)
             lg.setLevel(level)
-    scales = {}
-    for part in formats.PARTS:
-        for name, module in getattr(pipe, part).named_modules():
-            if isinstance(module, BaseTunerLayer) and _loaded_from_file(module):
-                scales[formats.strip_text_model(f"{part}.{name}")] = float(module.scaling["check"])
-    said = [str(w.message) for w in caught if issubclass(w.category, (UserWarning, RuntimeWarning))]
-    said += [line for line in messages.getvalue().splitlines() if "LoRA keys" not in line]
-    return scales, (said[0].strip().splitlines()[0] if said else "")
 
 
 def _loaded_from_file(module) -> bool:

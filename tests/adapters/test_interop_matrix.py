@@ -14,14 +14,12 @@ export must do the same in diffusers (DoRA has no kohya form and is refused by n
 
 import contextlib
 import itertools
-import logging
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from sdtune.adapters.check import check_adapter
+from sdtune.adapters.check import check_adapter, library_messages
 from sdtune.adapters.export import export_kohya
 from sdtune.adapters.io import save_adapter
 from sdtune.config import load_config
@@ -67,15 +65,6 @@ def _wrapped(pipe) -> set[str]:
     return names
 
 
-class _Records(logging.Handler):
-    def __init__(self, said: list[str]):
-        super().__init__(logging.WARNING)
-        self.said = said
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.said.append(record.getMessage())
-
-
 def is_base_weights_report(message: str) -> bool:
     """transformers 5.2x logs a "LOAD REPORT" for every adapter loaded into a text encoder,
     listing the base model's own weights as MISSING (before peft's filter of adapter keys).
@@ -99,23 +88,13 @@ def faults(said: list[str], has_text_encoder: bool) -> list[str]:
 
 @contextlib.contextmanager
 def library_warnings():
-    """Every warning and every diffusers/peft/transformers log record at WARNING or above."""
+    """Every warning (but FutureWarning) and diffusers/peft/transformers log record at WARNING
+    or above, as text."""
     said: list[str] = []
-    handler = _Records(said)
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield said
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-    said += [str(w.message) for w in caught if not issubclass(w.category, FutureWarning)]
+    with library_messages() as got:
+        yield said
+    said += got.logs
+    said += [str(w.message) for w in got.warnings if not issubclass(w.category, FutureWarning)]
 
 
 def make_adapter(folder, unet: str, te: str, variant: str, keep: list | None = None):
