@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 PARSER_KWARGS = {"description": "Encode images to latents, decode them, measure the round trip."}
 
@@ -24,11 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from sdtune.cli.main import quiet_progress_bars
     from sdtune.generate import vae as tools
-    from sdtune.generate.outputs import GenerationParams, save_png
     from sdtune.models.loading import load_pipeline
 
     quiet_progress_bars()
@@ -39,24 +37,23 @@ def run(args: argparse.Namespace) -> int:
         print("latents", "x".join(str(n) for n in encoding.mean.shape[1:]))
     elif args.vae_command == "decode":
         image = tools.decode_to_image(vae, tools.load_latents(args.latents).latents())
-        params = GenerationParams(
-            prompt=f"decoded {Path(args.latents).name}",
-            width=image.width,
-            height=image.height,
-            model=args.model,
-            mode="vae decode",
-        )
-        print(save_png(image, args.out, params, stem=Path(args.latents).stem))
+        what = f"decoded {Path(args.latents).name}"
+        print(_save_png(image, args, what, "vae decode", Path(args.latents).stem))
     else:
         report, image = tools.reconstruction_report(vae, args.image)
         print(report.format_table())
         if args.out:
-            params = GenerationParams(
-                prompt=f"VAE round trip of {Path(args.image).name}",
-                width=image.width,
-                height=image.height,
-                model=args.model,
-                mode="vae roundtrip",
-            )
-            print(save_png(image, args.out, params, stem=f"{Path(args.image).stem}-roundtrip"))
+            what = f"VAE round trip of {Path(args.image).name}"
+            stem = f"{Path(args.image).stem}-roundtrip"
+            print(_save_png(image, args, what, "vae roundtrip", stem))
     return 0
+
+
+def _save_png(image, args: argparse.Namespace, what: str, mode: str, stem: str) -> Path:
+    """`image` as a PNG in `args.out` whose parameters say what it is (never overwriting)."""
+    from sdtune.generate.outputs import GenerationParams, save_png
+
+    params = GenerationParams(
+        prompt=what, width=image.width, height=image.height, model=args.model, mode=mode
+    )
+    return save_png(image, args.out, params, stem=stem)
