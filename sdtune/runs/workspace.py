@@ -1,0 +1,51 @@
+"""Paths inside a workspace, and nowhere else.
+
+Everything the web app reads or writes names a path relative to the workspace. `resolve`
+refuses `..`, absolute paths outside the workspace and symlinks that lead out of it, so no
+request can reach a file the user did not put in the workspace.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+from sdtune.errors import SdtuneError, quote
+
+
+class OutsideWorkspace(SdtuneError):
+    """A path that would leave the workspace."""
+
+
+class Workspace:
+    def __init__(self, root: str | Path):
+        root = Path(root).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root.resolve()
+
+    def resolve(self, path: str | Path, must_exist: bool = False) -> Path:
+        """`path` (relative to the workspace, or absolute inside it) as a real path inside it."""
+        text = str(path).replace("\\", "/")
+        if "\x00" in text:
+            raise OutsideWorkspace(f"path {quote(text)} holds a NUL character")
+        parts = PurePosixPath(text).parts
+        if ".." in parts:
+            raise OutsideWorkspace(
+                f"path {quote(text)} uses '..'; name it from the workspace folder down"
+            )
+        candidate = Path(text) if Path(text).is_absolute() else self.root / text
+        real = Path(os.path.realpath(candidate))
+        if real != self.root and not real.is_relative_to(self.root):
+            why = "leads out of" if not Path(text).is_absolute() else "is outside"
+            raise OutsideWorkspace(
+                f"path {quote(text)} {why} the workspace '{self.root}'; only files inside it "
+                "can be used"
+            )
+        if must_exist and not real.exists():
+            raise SdtuneError(f"'{self.relative(real)}' does not exist in the workspace")
+        return real
+
+    def relative(self, path: str | Path) -> str:
+        """The workspace-relative name of a path inside it (forward slashes)."""
+        real = Path(os.path.realpath(path))
+        return real.relative_to(self.root).as_posix() if real != self.root else "."
