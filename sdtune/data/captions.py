@@ -122,8 +122,13 @@ def build_caption(
             ) from None
     caption = raw.strip()
     if trigger and trigger not in caption:
-        caption = f"{trigger}{tag_joiner(separator)}{caption}" if caption else trigger
+        caption = prepend_tag(trigger, caption, separator)
     return caption
+
+
+def prepend_tag(tag: str, caption: str, separator: str = ",") -> str:
+    """`tag` as the caption's first tag (`sks, a photo`); just `tag` for an empty caption."""
+    return f"{tag}{tag_joiner(separator)}{caption}" if caption else tag
 
 
 def tag_joiner(separator: str) -> str:
