@@ -12,15 +12,14 @@ and every write goes to a temporary name that is renamed into place.
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdtune.data.captions import clean_caption, decode_text
+from sdtune.data.files import save_atomic
 from sdtune.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_image
 from sdtune.data.metadata import find_metadata
 from sdtune.errors import SdtuneError, first_line
@@ -248,14 +247,7 @@ def _write_one(
         return
     caption = with_prefix(prefix, text)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{sidecar.name}.", dir=sidecar.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(caption + "\n")
-            os.replace(tmp, sidecar)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_atomic(sidecar, (caption + "\n").encode("utf-8"))
     except OSError as exc:
         report.failed.append((path, f"cannot write {sidecar}: {exc}"))
         return

@@ -47,6 +47,18 @@ def assign_bucket(
     return max(step, int(bw * scale) // step * step), max(step, int(bh * scale) // step * step)
 
 
+def assign_sample_buckets(samples, data_cfg) -> list[tuple[int, int]]:
+    """The (width, height) bucket of each sample (anything with a `.size`) under a `DataConfig`;
+    a sample of unknown size gets the square."""
+    d = data_cfg
+    buckets = build_buckets(d.resolution, d.bucket_step, d.max_aspect)
+    square = (d.resolution, d.resolution)
+    return [
+        assign_bucket(s.size, buckets, d.bucket_step, d.upscale) if s.size else square
+        for s in samples
+    ]
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches from one bucket at a time, seeded per epoch, yielding `epoch * size + i` indices
     (as EpochShuffleSampler does, so items know their epoch).

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import random
 import unicodedata
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,12 +122,23 @@ def build_caption(
             ) from None
     caption = raw.strip()
     if trigger and trigger not in caption:
-        caption = f"{trigger}{_joiner(separator)}{caption}" if caption else trigger
+        caption = prepend_tag(trigger, caption, separator)
     return caption
 
 
-def _joiner(separator: str) -> str:
+def prepend_tag(tag: str, caption: str, separator: str = ",") -> str:
+    """`tag` as the caption's first tag (`sks, a photo`); just `tag` for an empty caption."""
+    return f"{tag}{tag_joiner(separator)}{caption}" if caption else tag
+
+
+def tag_joiner(separator: str) -> str:
+    """What goes between tags when sdtune writes them: the separator and a space (`, `)."""
     return separator if separator.isspace() else separator + " "
+
+
+def count_tags(captions: Iterable[str], separator: str = ",") -> Counter[str]:
+    """How often each tag (a caption split on `separator`, trimmed) appears in `captions`."""
+    return Counter(t.strip() for c in captions for t in c.split(separator) if t.strip())
 
 
 @dataclass(frozen=True)
@@ -163,7 +175,7 @@ class CaptionAugment:
                 rng.shuffle(rest)
             if self.tag_dropout > 0:
                 rest = [t for t in rest if rng.random() >= self.tag_dropout]
-            caption = _joiner(self.tag_separator).join(kept + rest)
+            caption = tag_joiner(self.tag_separator).join(kept + rest)
         if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
             return ""
         return caption

@@ -7,10 +7,12 @@ Training wants plain RGB the right way up, so all of that is handled here, once.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 # Every extension pillow can open that people keep training images in.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -28,7 +30,48 @@ def load_image(
 ) -> Image.Image:
     """Open an image (a file or bytes) as upright RGB: EXIF orientation applied, alpha
     composited on `background`."""
-    path = Path(path) if isinstance(path, str) else path
+    with _opened(Path(path) if isinstance(path, str) else path) as img:
+        try:
+            img.seek(0)  # first frame of animations
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img, background)
+        except _DECODE_ERRORS as exc:
+            raise ImageDecodeError(f"cannot decode: {exc}") from None
+
+
+def probe_image(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image the right way up, read from its header only.
+
+    The checks `load_image` makes before decoding (empty file, unreadable header, too many
+    pixels) fail here with the same reasons; a file whose pixel data is torn past its header
+    passes here and fails only in `load_image`. Orientation comes from EXIF data stored before
+    the pixels (where cameras put it); a PNG's EXIF chunk after its pixels is not seen.
+    """
+    with _opened(Path(path)) as img:
+        try:
+            # The base class's getexif reads what the header gave; PNG's own would decode.
+            orientation = Image.Image.getexif(img).get(ExifTags.Base.Orientation)
+        except _DECODE_ERRORS:
+            orientation = None
+        width, height = img.size
+    return (height, width) if orientation in _SWAPS_SIDES else (width, height)
+
+
+_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image a quarter
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    Image.DecompressionBombWarning,
+    Image.DecompressionBombError,
+)
+
+
+@contextmanager
+def _opened(path: Path | BinaryIO) -> Iterator[Image.Image]:
+    """The image opened lazily (header read, pixels not yet), after the checks every use of it
+    makes: not empty, a format pillow knows, at most MAX_IMAGE_PIXELS."""
     try:
         if isinstance(path, Path) and path.stat().st_size == 0:
             raise ImageDecodeError("empty file (0 bytes)")
@@ -39,19 +82,8 @@ def load_image(
                     raise ImageDecodeError(
                         f"{img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS} limit"
                     )
-                img.seek(0)  # first frame of animations
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img, background)
-    except ImageDecodeError:
-        raise
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as exc:
+                yield img
+    except _DECODE_ERRORS as exc:
         raise ImageDecodeError(f"cannot decode: {exc}") from None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 
 from sdtune.config import RunConfig
-from sdtune.data.captions import CaptionAugment, count_long_captions
+from sdtune.data.captions import CaptionAugment, count_long_captions, count_tags
 from sdtune.data.multi import items_per_epoch, resolve_sources, source_label
 from sdtune.data.sources import scan_data_config
 from sdtune.data.streaming import known_rows
@@ -71,7 +71,7 @@ def _caption_lines(
             f"per epoch: shuffle_tags {augment.shuffle_tags} (keep {augment.keep_tags}), "
             f"tag_dropout {augment.tag_dropout}, caption_dropout {augment.caption_dropout}"
         )
-    tags = Counter(t.strip() for c in captions for t in c.split(d.tag_separator) if t.strip())
+    tags = count_tags(captions, d.tag_separator)
     top = ", ".join(f"{t} ({n})" for t, n in tags.most_common(10))
     lines.append(f"most common tags: {top}")
     return lines

@@ -128,12 +128,53 @@ def scan_image_folder(
     allow_outside_paths: bool = False,
 ) -> ScanReport:
     """Find every decodable image under `folder` and its caption; list the ones that fail."""
-    root = Path(folder)
-    if not root.exists():
-        raise SdtuneError(f"dataset folder '{root}' does not exist")
-    if not root.is_dir():
-        raise SdtuneError(f"dataset path '{root}' is not a folder")
-    report = ScanReport(metadata_path=find_metadata(root))
+    root = check_folder(folder)
+    report = ScanReport()
+    files = list_folder_images(
+        root,
+        recursive,
+        report,
+        image_column=image_column,
+        caption_column=caption_column,
+        allow_outside_paths=allow_outside_paths,
+    )
+    count = len(files) + len(report.skipped)
+    for path, entry in files:
+        try:
+            size = load_image(path).size  # decoded now, so a bad file is reported before training
+        except ImageDecodeError as exc:
+            report.skipped.append((path, str(exc)))
+            continue
+        if problem := size_problem(size):
+            report.skipped.append((path, problem))
+            continue
+        if entry is not None:
+            raw, source = entry.caption, report.metadata_path.name
+        else:
+            raw, source = read_sidecar(path, caption_ext, report.caption_notes), "sidecars"
+        if raw is None:
+            source = "the template"
+        report.caption_sources[source] += 1
+        caption = build_caption(raw, path, caption_template, trigger, tag_separator)
+        report.samples.append(Sample(path, caption, size=size))
+    if not report.samples:
+        _raise_empty(root, count, recursive)
+    return report
+
+
+def list_folder_images(
+    root: Path,
+    recursive: bool,
+    report: ScanReport,
+    *,
+    image_column: str = "file_name",
+    caption_column: str = "text",
+    allow_outside_paths: bool = False,
+) -> list[tuple[Path, MetadataEntry | None]]:
+    """The image files under `root` and the ones its metadata file lists, in path order, each
+    with its metadata entry (None: caption from the sidecar). Listed files that are not there
+    go to `report.skipped`; the metadata file, its notes and caption fixes to `report`."""
+    report.metadata_path = find_metadata(root)
     listed: dict[Path, MetadataEntry] = {}
     if report.metadata_path is not None:
         entries, ignored = read_metadata(
@@ -146,41 +187,43 @@ def scan_image_folder(
         )
         listed = {e.path: e for e in entries}
         report.notes += ignored
+    found = find_image_files(root, recursive)
+    shown = {**{k: k for k in listed}, **found}  # as found on disk where possible
+    files = []
+    for key in sorted(shown):
+        entry, path = listed.get(key), shown[key]
+        if entry is not None and not path.is_file():
+            report.skipped.append((path, f"listed in {entry.where} but the file does not exist"))
+        else:
+            files.append((path, entry))
+    return files
+
+
+def check_folder(folder: str | Path) -> Path:
+    """`folder` as a Path, or an SdtuneError if it is missing or not a folder."""
+    root = Path(folder)
+    if not root.exists():
+        raise SdtuneError(f"dataset folder '{root}' does not exist")
+    if not root.is_dir():
+        raise SdtuneError(f"dataset path '{root}' is not a folder")
+    return root
+
+
+def find_image_files(root: Path, recursive: bool = True) -> dict[Path, Path]:
+    """Image files under `root` by extension: {absolute path: path as found under root}."""
     pattern = "**/*" if recursive else "*"
-    found = {
+    return {
         Path(os.path.abspath(p)): p
         for p in root.glob(pattern)
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
     }
-    shown = {**{k: k for k in listed}, **found}  # as found on disk where possible
-    for key in sorted(shown):
-        entry = listed.get(key)
-        path = shown[key]
-        if entry is not None and not path.is_file():
-            report.skipped.append((path, f"listed in {entry.where} but the file does not exist"))
-            continue
-        try:
-            size = load_image(path).size  # decoded now, so a bad file is reported before training
-        except ImageDecodeError as exc:
-            report.skipped.append((path, str(exc)))
-            continue
-        if min(size) < MIN_IMAGE_SIDE:  # a thumbnail or a tracking pixel teaches nothing
-            report.skipped.append(
-                (path, f"too small: {size[0]}x{size[1]} px (at least {MIN_IMAGE_SIDE} a side)")
-            )
-            continue
-        if entry is not None:
-            raw, source = entry.caption, report.metadata_path.name
-        else:
-            raw, source = read_sidecar(path, caption_ext, report.caption_notes), "sidecars"
-        if raw is None:
-            source = "the template"
-        report.caption_sources[source] += 1
-        caption = build_caption(raw, path, caption_template, trigger, tag_separator)
-        report.samples.append(Sample(path, caption, size=size))
-    if not report.samples:
-        _raise_empty(root, len(shown), recursive)
-    return report
+
+
+def size_problem(size: tuple[int, int]) -> str | None:
+    """Why an image of `size` (width, height) is skipped, or None when it is big enough."""
+    if min(size) < MIN_IMAGE_SIDE:  # a thumbnail or a tracking pixel teaches nothing
+        return f"too small: {size[0]}x{size[1]} px (at least {MIN_IMAGE_SIDE} a side)"
+    return None
 
 
 def scan_hf_dataset(

@@ -18,7 +18,7 @@ from sdtune.adapters.lora import (
     resolve_unet_targets,
 )
 from sdtune.config import RunConfig
-from sdtune.data.buckets import BucketBatchSampler, assign_bucket, build_buckets
+from sdtune.data.buckets import BucketBatchSampler, assign_sample_buckets
 from sdtune.data.cache import pixel_digest
 from sdtune.data.captions import CaptionAugment, warn_long_captions
 from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset
@@ -303,13 +303,7 @@ def build_dataloader(
 
 def assign_buckets(samples, cfg: RunConfig) -> list[tuple[int, int]]:
     """The (width, height) bucket of each sample; a sample of unknown size gets the square."""
-    d = cfg.data
-    buckets = build_buckets(d.resolution, d.bucket_step, d.max_aspect)
-    square = (d.resolution, d.resolution)
-    return [
-        assign_bucket(s.size, buckets, d.bucket_step, d.upscale) if s.size else square
-        for s in samples
-    ]
+    return assign_sample_buckets(samples, cfg.data)
 
 
 def make_collate(
