@@ -264,3 +264,10 @@ def test_a_random_crop_is_marked_and_has_the_trained_size(tmp_path):
     for box in bucket_plan(cfg.data):
         assert box.random_crop
         assert box.crop == centred[box.path].crop and box.bucket == centred[box.path].bucket
+
+
+def test_the_plan_from_headers_equals_the_plan_from_decoding(folder):
+    cfg = _run_config(folder, bucketing=True, resolution=64)
+    assert bucket_plan(cfg.data, verify=False) == bucket_plan(cfg.data)
+    turned = next(b for b in bucket_plan(cfg.data, verify=False) if b.path == "rot.jpg")
+    assert (turned.width, turned.height) == (20, 36)  # upright, as training sees it
