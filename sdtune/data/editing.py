@@ -157,6 +157,8 @@ def set_trigger(
     lacks it as a whole word, and the only tag of images without a caption (their sidecar is
     created). With `replace`: every whole-word occurrence of `replace` becomes `trigger`.
     Captions are rewritten as training reads them (cleaned, UTF-8); each file atomically.
+    Nothing is written when an image leads outside the folder or a metadata file holds
+    captions of its images (the same refusals as `save_caption`).
     """
     trigger = _one_line(trigger, "trigger")
     old = _one_line(replace, "replace") if replace is not None else None
