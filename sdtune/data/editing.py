@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from sdtune.config import DataConfig
 from sdtune.data.buckets import assign_sample_buckets
 from sdtune.data.captions import clean_caption, count_tags, prepend_tag, read_sidecar
 from sdtune.data.files import save_atomic
@@ -194,7 +195,7 @@ def tag_frequency(
     return sorted(counts.items(), key=lambda tag_count: (-tag_count[1], tag_count[0]))
 
 
-def bucket_plan(cfg, *, verify: bool = True) -> list[BucketBox]:
+def bucket_plan(cfg: DataConfig, *, verify: bool = True) -> list[BucketBox]:
     """For each usable image of a `DataConfig`, the size and region training gives it.
 
     Scans as training does: every image decoded once, so this costs what the scan before
@@ -222,7 +223,7 @@ def bucket_plan(cfg, *, verify: bool = True) -> list[BucketBox]:
     return plan
 
 
-def _samples(d, verify: bool) -> list[Sample]:
+def _samples(d: DataConfig, verify: bool) -> list[Sample]:
     """The samples training would read, or, for a plain folder without `verify`, the same
     files with their sizes from the headers."""
     if verify or d.sources or d.dataset or d.dataset_streaming:
