@@ -264,3 +264,20 @@ def test_a_random_crop_is_marked_and_has_the_trained_size(tmp_path):
     for box in bucket_plan(cfg.data):
         assert box.random_crop
         assert box.crop == centred[box.path].crop and box.bucket == centred[box.path].bucket
+
+
+def test_the_plan_from_headers_equals_the_plan_from_decoding(folder):
+    cfg = _run_config(folder, bucketing=True, resolution=64)
+    assert bucket_plan(cfg.data, verify=False) == bucket_plan(cfg.data)
+    turned = next(b for b in bucket_plan(cfg.data, verify=False) if b.path == "rot.jpg")
+    assert (turned.width, turned.height) == (20, 36)  # upright, as training sees it
+
+
+def test_set_trigger_writes_nothing_when_an_image_leads_outside(folder):
+    outside = folder.parent / "c.png"
+    _noise((20, 20)).save(outside)
+    os.symlink(outside, folder / "link.png")  # training reads it: a linked file is listed
+    assert "link.png" in [i.path for i in list_dataset(folder).items]
+    with pytest.raises(SdtuneError, match="link.png.*symbolic link"):
+        set_trigger(folder, "sks")
+    assert not (folder / "link.txt").exists() and not (folder / "sub" / "b.txt").exists()
