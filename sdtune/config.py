@@ -23,11 +23,19 @@ from sdtune.errors import SdtuneError, quote
 
 
 def option(
-    default: Any, help: str, choices: tuple[str, ...] | None = None, valid: str | None = None
+    default: Any,
+    help: str,
+    choices: tuple[Any, ...] | None = None,
+    valid: str | None = None,
+    **extra: Any,
 ) -> Any:
     """Declare one option: its default, its help line, (for strings) its allowed values and
-    (for numbers) its valid range in interval notation, checked by sdtune.config_checks."""
+    (for numbers) its valid range in interval notation, checked by sdtune.config_checks.
+
+    `extra` is further metadata read by the code that turns declarations into command-line
+    flags and forms (sdtune.generate.schema: section, flag, metavar, label, check)."""
     metadata = {"help": help, "choices": choices, "valid": Range.parse(valid) if valid else None}
+    metadata.update({k: v for k, v in extra.items() if v is not None})
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
