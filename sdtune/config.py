@@ -23,11 +23,19 @@ from sdtune.errors import SdtuneError, quote
 
 
 def option(
-    default: Any, help: str, choices: tuple[str, ...] | None = None, valid: str | None = None
+    default: Any,
+    help: str,
+    choices: tuple[Any, ...] | None = None,
+    valid: str | None = None,
+    **extra: Any,
 ) -> Any:
     """Declare one option: its default, its help line, (for strings) its allowed values and
-    (for numbers) its valid range in interval notation, checked by sdtune.config_checks."""
+    (for numbers) its valid range in interval notation, checked by sdtune.config_checks.
+
+    `extra` is further metadata read by the code that turns declarations into command-line
+    flags and forms (sdtune.generate.schema: section, flag, metavar, label, check)."""
     metadata = {"help": help, "choices": choices, "valid": Range.parse(valid) if valid else None}
+    metadata.update({k: v for k, v in extra.items() if v is not None})
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -314,9 +322,10 @@ def _closest(name: str, candidates: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """An option's type as messages and the option table name it: `int`, `float or null`."""
     if typing.get_origin(tp) is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
+        return f"list of {type_name(typing.get_args(tp)[0])}"
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     base = args[0] if args else tp
     name = getattr(base, "__name__", str(base))
@@ -332,7 +341,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     ):
         if optional:
             return None
-        raise SdtuneError(f"{key} cannot be empty; expected {_type_name(tp)}")
+        raise SdtuneError(f"{key} cannot be empty; expected {type_name(tp)}")
     if typing.get_origin(base) is list and dataclasses.is_dataclass(typing.get_args(base)[0]):
         return _coerce_tables(key, value, typing.get_args(base)[0])
     if typing.get_origin(base) is list:
@@ -364,7 +373,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise SdtuneError(f"{key} must be {_type_name(tp)}, got {quote(value)}") from None
+        raise SdtuneError(f"{key} must be {type_name(tp)}, got {quote(value)}") from None
     raise SdtuneError(f"{key}: unsupported option type {tp}")
 
 
@@ -484,11 +493,17 @@ def split_command_items(items: list[str]) -> tuple[str | None, dict[str, str]]:
     return recipe, parse_overrides(items)
 
 
-def load_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+def read_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    problems: dict[str, str] | None = None,
 ) -> RunConfig:
-    """Build a validated RunConfig from a recipe file (optional) and overrides."""
+    """A RunConfig from a recipe file (optional) and overrides, typed but not range-checked.
+
+    An unreadable recipe raises. A bad key or value raises too, unless `problems` is given:
+    then each is recorded there as {key: message} and the option keeps its default."""
     cfg = RunConfig()
+    items: list[tuple[str, Any]] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -499,13 +514,31 @@ def load_config(
             raise SdtuneError(
                 f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
             ) from None
-        for key, value in _flatten(_load_yaml_text(text, str(path)), str(path)).items():
+        items += _flatten(_load_yaml_text(text, str(path)), str(path)).items()
+    items += (overrides or {}).items()
+    for key, value in items:
+        try:
             _set_option_checked(cfg, key, value)
-    for key, value in (overrides or {}).items():
-        _set_option_checked(cfg, key, value)
+        except SdtuneError as exc:
+            if problems is None:
+                raise
+            problems[key] = str(exc)
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sections: typing.Iterable[str] | None = None,
+    required: typing.Iterable[str] | None = None,
+) -> RunConfig:
+    """Build a validated RunConfig from a recipe file (optional) and overrides. Only the range
+    and consistency checks of `sections` apply (all when None), and only their required keys
+    (or those named in `required`): a command that reads no images names the sections it uses."""
+    cfg = read_config(path, overrides)
     from sdtune.config_checks import validate_config
 
-    validate_config(cfg)
+    validate_config(cfg, sections, required)
     return cfg
 
 
@@ -522,17 +555,3 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise SdtuneError(f"cannot write '{path}': {exc.strerror or exc}") from None
-
-
-def format_options() -> str:
-    """The option table shown by `sdtune train --help`."""
-    lines = []
-    for key, f, tp in iter_options():
-        default = f.default
-        if default is dataclasses.MISSING:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        choices, valid = f.metadata.get("choices"), f.metadata.get("valid")
-        extra = f" [{'|'.join(choices)}]" if choices else (f" in {valid.text}" if valid else "")
-        lines.append(f"  {key:<38} {_type_name(tp):<14} default {default!r}{extra}")
-        lines.append(f"      {f.metadata['help']}")
-    return "\n".join(lines)

@@ -5,36 +5,131 @@ from __future__ import annotations
 
 import dataclasses
 import string
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
-from sdtune.config import DataConfig, RunConfig, SourceConfig, iter_options
+from sdtune.config import SECTIONS, DataConfig, RunConfig, SourceConfig, iter_options
 from sdtune.errors import SdtuneError, quote
 
 # accelerate's set_seed seeds numpy too, which takes 0 <= seed < 2**32
 MAX_SEED = 2**32 - 1
 
+# What a training run must be given; a command that reads no images or loads no model names
+# the sections it uses (validate_config's `sections`) and these are required only within them.
+REQUIRED_KEYS = ("model.path", "data.dir", "output.dir")
 
-def validate_config(cfg: RunConfig) -> None:
-    """Range checks that need no model: each failure names the key and the valid range."""
-    check_declared_ranges(cfg)
-    checks = [
+
+def validate_config(
+    cfg: RunConfig,
+    sections: Iterable[str] | None = None,
+    required: Iterable[str] | None = None,
+) -> None:
+    """Range checks that need no model: the first failure, naming the key and the valid range,
+    is raised. Only the checks of `sections` apply (all when None); `required` names the keys
+    that must be set (default: those of REQUIRED_KEYS in `sections`)."""
+    problems = find_config_problems(cfg, sections, required)
+    if problems:
+        raise SdtuneError(next(iter(problems.values())))
+
+
+def pick_sections(sections: Iterable[str] | None) -> tuple[str, ...]:
+    """The named sections (all when None); an unknown name is an error listing the valid ones."""
+    if sections is None:
+        return tuple(SECTIONS)
+    picked = tuple(sections)
+    for name in picked:
+        if name not in SECTIONS:
+            raise SdtuneError(f"unknown config section {quote(name)}; valid: {', '.join(SECTIONS)}")
+    return picked
+
+
+def find_config_problems(
+    cfg: RunConfig,
+    sections: Iterable[str] | None = None,
+    required: Iterable[str] | None = None,
+) -> dict[str, str]:
+    """Every problem of `cfg` as {key: the one-line message}, in the order validate_config
+    reports them. A check runs only when every section it reads is among `sections`."""
+    picked = pick_sections(sections)
+    needed = [k for k in REQUIRED_KEYS if k.split(".")[0] in picked]
+    needed = needed if required is None else list(required)
+    problems: dict[str, str] = {}
+    for key, reads, test in _checks(cfg, needed):
+        if all(read.split(".")[0] in picked for read in reads):
+            try:
+                test()
+            except SdtuneError as exc:
+                problems.setdefault(key, str(exc))
+    return problems
+
+
+def _rule(ok: bool, key: str, rule: str, cfg: RunConfig) -> Callable[[], None]:
+    def test() -> None:
+        if not ok:
+            raise SdtuneError(f"{key} {rule}; got {_current(cfg, key)!r}")
+
+    return test
+
+
+Check = tuple[str, tuple[str, ...], Callable[[], None]]  # (key, keys it reads, raises on failure)
+
+
+def _checks(cfg: RunConfig, required: list[str]) -> list[Check]:
+    """Every check of `cfg`, in the order they are reported. A key named in `required` is
+    required whatever the sections; every other check reads the key it reports."""
+    requirements = {
+        "model.path": (cfg.model.path != "", "is required (a diffusers folder, hub id or file)"),
+        "data.dir": (
+            cfg.data.dir != "" or cfg.data.dataset != "" or bool(cfg.data.sources),
+            "is required (a folder of images), or set data.dataset or data.sources",
+        ),
+        "output.dir": (cfg.output.dir != "", "is required"),
+    }
+    seeds = [
         (0 <= cfg.train.seed <= MAX_SEED, "train.seed", f"must be in [0, {MAX_SEED}]"),
         (
             0 <= cfg.output.sample_seed <= MAX_SEED,
             "output.sample_seed",
             f"must be in [0, {MAX_SEED}]",
         ),
-        (cfg.model.path != "", "model.path", "is required (a diffusers folder, hub id or file)"),
-        (
-            cfg.data.dir != "" or cfg.data.dataset != "" or bool(cfg.data.sources),
-            "data.dir",
-            "is required (a folder of images), or set data.dataset or data.sources",
-        ),
+    ]
+    rules = [
         (
             not (cfg.data.sources and (cfg.data.dir or cfg.data.dataset)),
             "data.sources",
             "replaces data.dir and data.dataset; put each folder or dataset in the list",
         ),
+        *_value_rules(cfg),
+    ]
+    found: list[Check] = [(key, (key,), test) for key, test in _range_checks(cfg)]
+    found += [(key, (key,), _rule(ok, key, rule, cfg)) for ok, key, rule in seeds]
+    found += [
+        (key, (), _rule(ok, key, rule, cfg))
+        for key, (ok, rule) in requirements.items()
+        if key in required
+    ]
+    found += [(key, (key,), _rule(ok, key, rule, cfg)) for ok, key, rule in rules]
+    found.append(("lora.unet_targets", ("lora.unet_targets",), partial(_check_unet, cfg)))
+    found.append(
+        (
+            "lora.text_encoder_targets",
+            ("lora.text_encoder_targets",),
+            partial(_check_text_encoder, cfg),
+        )
+    )
+    for i, source in enumerate(cfg.data.sources):
+        where = f"data.sources[{i}]"
+        found.append((where, ("data.sources",), partial(_validate_source, source, where)))
+    found += [(key, (key,), test) for key, test in _caption_checks(cfg)]
+    if cfg.data.dataset_streaming:
+        found += [(k, ("data.dataset_streaming", k), t) for k, t in _streaming_checks(cfg.data)]
+    return found
+
+
+def _value_rules(cfg: RunConfig) -> list[tuple[bool, str, str]]:
+    """(ok, key, rule) for the values that interval notation cannot say."""
+    return [
         (
             cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0,
             "data.resolution",
@@ -90,30 +185,22 @@ def validate_config(cfg: RunConfig) -> None:
             "must be 0 or more",
         ),
         (cfg.output.sample_every_n_steps >= 0, "output.sample_every_n_steps", "must be 0 or more"),
-        (cfg.output.dir != "", "output.dir", "is required"),
         (cfg.output.sample_steps >= 1, "output.sample_steps", "must be at least 1"),
+        (cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be at least 1"),
     ]
-    for ok, key, rule in checks:
-        if not ok:
-            raise SdtuneError(f"{key} {rule}; got {_current(cfg, key)!r}")
-    _check_lora_targets(cfg)
-    for i, source in enumerate(cfg.data.sources):
-        _validate_source(source, f"data.sources[{i}]")
-    check_caption_options(cfg)
-    if cfg.data.shuffle_buffer < 1:
-        raise SdtuneError(
-            f"data.shuffle_buffer must be at least 1; got {cfg.data.shuffle_buffer!r}"
-        )
-    if cfg.data.dataset_streaming:
-        _validate_streaming(cfg.data)
 
 
-def _check_lora_targets(cfg: RunConfig) -> None:
+def _check_unet(cfg: RunConfig) -> None:
     """Target specs that cannot match anything (empty, a broken regex) fail before loading;
     names that no module has are found once the model is there."""
-    from sdtune.adapters.lora import resolve_text_encoder_targets, resolve_unet_targets
+    from sdtune.adapters.lora import resolve_unet_targets
 
     resolve_unet_targets(cfg.lora.unet_targets)
+
+
+def _check_text_encoder(cfg: RunConfig) -> None:
+    from sdtune.adapters.lora import resolve_text_encoder_targets
+
     if cfg.lora.train_text_encoder:
         resolve_text_encoder_targets(cfg.lora.text_encoder_targets)
 
@@ -121,13 +208,22 @@ def _check_lora_targets(cfg: RunConfig) -> None:
 def check_declared_ranges(cfg: RunConfig) -> None:
     """Every number option's own range (declared once, with `option(valid=...)`), for the
     sections and for each of `data.sources`; NaN and infinities are never in range."""
+    for _, test in _range_checks(cfg):
+        test()
+
+
+def _range_checks(cfg: RunConfig) -> list[tuple[str, Callable[[], None]]]:
+    """(key, check) of each declared range, the sources' keys under data.sources[i]."""
+    checks = []
     for key, f, _ in iter_options():
         section, name = key.split(".")
-        _check_range(key, f, getattr(getattr(cfg, section), name))
+        checks.append((key, partial(_check_range, key, f, getattr(getattr(cfg, section), name))))
     fields = {f.name: f for f in dataclasses.fields(SourceConfig)}
     for i, source in enumerate(cfg.data.sources):
         for name, f in fields.items():
-            _check_range(f"data.sources[{i}].{name}", f, getattr(source, name))
+            where = f"data.sources[{i}].{name}"
+            checks.append((where, partial(_check_range, where, f, getattr(source, name))))
+    return checks
 
 
 def _check_range(key: str, f: dataclasses.Field, value: Any) -> None:
@@ -136,7 +232,7 @@ def _check_range(key: str, f: dataclasses.Field, value: Any) -> None:
         raise SdtuneError(f"{key} {valid.rule()}; got {value!r}")
 
 
-def _validate_streaming(d: DataConfig) -> None:
+def _streaming_checks(d: DataConfig) -> list[tuple[str, Callable[[], None]]]:
     """What a stream cannot do: it has no list of images to sort into buckets, hold out, pair
     with class images, cache in a first pass or repeat within an epoch."""
     refused = [
@@ -152,11 +248,14 @@ def _validate_streaming(d: DataConfig) -> None:
         ),
         (d.repeats != 1, "data.repeats", "1 (an epoch is one pass over the stream)"),
     ]
-    for bad, key, right in refused:
-        if bad:
-            raise SdtuneError(
-                f"data.dataset_streaming=true needs {key} {right}; got {_current_data(d, key)!r}"
-            )
+    return [(key, partial(_refuse_streaming, bad, key, right, d)) for bad, key, right in refused]
+
+
+def _refuse_streaming(bad: Any, key: str, right: str, d: DataConfig) -> None:
+    if bad:
+        raise SdtuneError(
+            f"data.dataset_streaming=true needs {key} {right}; got {_current_data(d, key)!r}"
+        )
 
 
 def _current_data(d: DataConfig, key: str) -> Any:
@@ -193,14 +292,23 @@ CAPTION_FIELDS = ("trigger", "name")  # what data.caption_template can fill in
 
 def check_caption_options(cfg: RunConfig) -> None:
     """A caption extension that is not an image's, and templates with only known fields."""
+    for _, test in _caption_checks(cfg):
+        test()
+
+
+def _caption_checks(cfg: RunConfig) -> list[tuple[str, Callable[[], None]]]:
     tables = [("data", cfg.data)] + [
         (f"data.sources[{i}]", s) for i, s in enumerate(cfg.data.sources)
     ]
+    checks = []
     for where, table in tables:
         if table.caption_ext is not None:
-            check_caption_ext(table.caption_ext, f"{where}.caption_ext")
+            key = f"{where}.caption_ext"
+            checks.append((key, partial(check_caption_ext, table.caption_ext, key)))
         if table.caption_template is not None:
-            check_caption_template(table.caption_template, f"{where}.caption_template")
+            key = f"{where}.caption_template"
+            checks.append((key, partial(check_caption_template, table.caption_template, key)))
+    return checks
 
 
 def check_caption_ext(ext: str, key: str) -> None:

@@ -35,12 +35,13 @@ class Range:
         below = value < self.high if self.high_open else value <= self.high
         return above and below
 
-    def rule(self) -> str:
-        """What a valid value is, for an error message."""
+    def rule(self, integer: bool = False) -> str:
+        """What a valid value is, for an error message (an integer is always finite)."""
+        finite = "" if integer else " and finite"
+        if self.low == -math.inf and self.high == math.inf:
+            return "must be a finite number"
         if self.high != math.inf:
             return f"must be in {self.text}"
         if self.low == 0:
-            return (
-                "must be positive and finite" if self.low_open else "must be 0 or more and finite"
-            )
-        return f"must be {'above' if self.low_open else 'at least'} {self.low:g} and finite"
+            return "must be positive" + finite if self.low_open else "must be 0 or more" + finite
+        return f"must be {'above' if self.low_open else 'at least'} {self.low:g}{finite}"

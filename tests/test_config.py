@@ -1,6 +1,7 @@
 import pytest
 
-from sdtune.config import format_options, iter_options, load_config, parse_overrides, save_config
+from sdtune.config import iter_options, load_config, parse_overrides, save_config
+from sdtune.config_form import format_options
 from sdtune.errors import SdtuneError
 
 REQUIRED = {"model.path": "m", "data.dir": "d"}

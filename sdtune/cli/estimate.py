@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sdtune.config import load_config, split_command_items
+from sdtune.config_checks import validate_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,10 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe, overrides = split_command_items(args.items)
-    overrides.setdefault("data.dir", "(not needed)")  # the estimate reads no images
-    if "model.family" in overrides:  # the family alone fixes the architecture
-        overrides.setdefault("model.path", "(not needed)")
-    cfg = load_config(recipe, overrides)
+    # The estimate reads no images and no weights: data.dir is never needed, and model.path
+    # only when model.family does not fix the architecture.
+    cfg = load_config(recipe, overrides, required=())
+    if not cfg.model.family:
+        validate_config(cfg, required=("model.path",))
 
     from sdtune.cli.main import quiet_progress_bars
     from sdtune.train.estimate import (

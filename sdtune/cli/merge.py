@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sdtune.cli.generate import parse_lora
     from sdtune.errors import SdtuneError
+    from sdtune.generate.schema import parse_lora
 
     adapters = [parse_lora(spec) for spec in args.lora]
     if args.base is not None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from sdtune.config import format_options, load_config, split_command_items
+from sdtune.config import load_config, split_command_items
+from sdtune.config_form import format_options
 
 PARSER_KWARGS = {
     "formatter_class": argparse.RawDescriptionHelpFormatter,

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sdtune.generate.modes import Mode
-from sdtune.generate.request import GenerationRequest
+from sdtune.generate.request import GenerationRequest, resolve_request
 from sdtune.generate.snapshots import SnapshotRecorder
 
 
@@ -26,6 +26,7 @@ class GenerationResult:
     snapshots: list[list[Image.Image]] = field(default_factory=list)
     scheduler: Any = None  # the scheduler that drew them (named in the PNG text)
     guidance_rescale: float = 0.0  # applied, where the mode's pipeline takes it
+    mode: str = "txt2img"  # the mode that drew them (a request may leave it to the model)
 
 
 def mode_pipeline(pipe: Any, mode: Mode) -> Any:
@@ -104,6 +105,7 @@ def _with_snapshots(pipe: Any, kwargs: dict, recorder: SnapshotRecorder) -> dict
 @torch.no_grad()
 def run_request(pipe: Any, req: GenerationRequest) -> GenerationResult:
     """Draw the request's images with a pipeline already in its mode (see `mode_pipeline`)."""
+    req = resolve_request(req)
     images: list[Any] = []
     snapshots: list[list[Image.Image]] = []
     for start in range(0, len(req.seeds), req.batch_size):
@@ -115,4 +117,6 @@ def run_request(pipe: Any, req: GenerationRequest) -> GenerationResult:
         images.extend(list(pipe(**kwargs).images))
         snapshots.extend(recorder.decode(pipe) or [[] for _ in seeds])
     rescale = req.effective_guidance_rescale if takes_guidance_rescale(pipe) else 0.0
-    return GenerationResult(list(images), list(req.seeds), snapshots, pipe.scheduler, rescale)
+    return GenerationResult(
+        list(images), list(req.seeds), snapshots, pipe.scheduler, rescale, req.mode
+    )

@@ -1,19 +1,53 @@
-"""What to generate, as one value: `GenerationRequest`, checked before any model runs."""
+"""What to generate, as one value: `GenerationRequest`, checked before any model runs; and the
+job around it: `GenerationJob` (model, adapters, output folder) and `SpeedOptions`.
+
+Their fields are the generation options, each declared once with `option()` (default, help,
+valid range, section); `sdtune generate`'s flags and the generation form are made from them by
+sdtune.generate.schema. An option left unset (None) takes its value from the model or the
+adapter when the request is resolved: the family's first mode, the trained prompt length.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from sdtune.data.prompts import MAX_TOKEN_LENGTHS
+from sdtune.config import option
 from sdtune.errors import SdtuneError
 from sdtune.generate.inputs import ImageInput, check_side, read_depth_map, read_image, read_mask
-from sdtune.generate.modes import Mode, check_mode_fits, get_mode
+from sdtune.generate.modes import MODES, Mode, check_mode_fits, default_mode, get_mode
+from sdtune.generate.schedulers import SCHEDULERS, get_scheduler_choice
+from sdtune.models.families import FAMILIES, get_family
 
 logger = logging.getLogger("sdtune.generate")
 
 MAX_SEEDS = 10_000  # a typo like --num-images 1e6 should fail, not run for a week
+MAX_TOKEN_LENGTHS = (75, 150, 225)  # 1, 2 or 3 windows of 75 tokens (sdtune.data.prompts)
+
+
+def _check_mode(value: str, flag: str) -> None:
+    get_mode(value)
+
+
+def _check_scheduler(value: str, flag: str) -> None:
+    get_scheduler_choice(value)  # names are case-insensitive and have aliases
+
+
+def _check_side(value: int, flag: str) -> None:
+    check_side(flag, value)
+
+
+def _check_file(value: Any, flag: str) -> None:
+    """A path given as text must name a file (images and arrays in memory are taken as they are)."""
+    if isinstance(value, (str, Path)) and not Path(value).is_file():
+        raise SdtuneError(f"{flag} '{value}' does not exist")
+
+
+def _check_seed_count(value: list[int], flag: str) -> None:
+    if len(value) > MAX_SEEDS:
+        raise SdtuneError(f"give between 1 and {MAX_SEEDS} seeds, got {len(value)}")
 
 
 @dataclass
@@ -25,35 +59,116 @@ class GenerationRequest:
     1/255 in a few values of a PNG (tests/generate/test_outputs_and_options.py holds the bound).
     """
 
-    prompt: str = ""
-    mode: str = "txt2img"
-    negative_prompt: str = ""
-    steps: int = 25
-    guidance_scale: float = 7.5
-    seeds: list[int] = field(default_factory=lambda: [0])
-    batch_size: int = 1  # images per pipeline call
-    width: int | None = None  # txt2img; other modes follow the input image
-    height: int | None = None
-    image: ImageInput | None = None  # img2img, inpaint, depth2img, upscale
-    mask: ImageInput | None = None  # inpaint: white = repaint
-    depth_map: Any = None  # depth2img: None = estimate with the family's DPT model
-    strength: float = 0.8  # fraction of the diffusion run redone (img2img, inpaint, depth)
-    noise_level: int = 20  # upscale: noise added to the low-res image (0..350)
-    scheduler: str | None = None  # a name from sdtune.generate.schedulers; None keeps the model's
-    snapshots: list[float] = field(default_factory=list)  # fractions of the run to decode
-    output_type: str = "pil"  # "pil" images, or "np" float arrays in [0, 1] for exact checks
+    prompt: str = option("", "what to draw", section="prompt")
+    negative_prompt: str = option("", "what to steer away from", section="prompt")
     # Prompt tokens the text encoder sees: 75 (one window, the pipeline's own encoding), or
     # 150/225 in windows of 75 as in training with data.max_token_length (sdtune.data.prompts).
-    max_token_length: int = 75
+    max_token_length: int | None = option(
+        None,
+        "prompt tokens: 75, or 150/225 in windows (default: as the adapter was trained, else 75)",
+        MAX_TOKEN_LENGTHS,
+        section="prompt",
+    )
+    mode: str | None = option(
+        None,
+        "what to draw from (default: the model's first mode)",
+        tuple(MODES),
+        section="mode",
+        check=_check_mode,
+    )
+    image: ImageInput | None = option(
+        None,
+        "input image (img2img, inpaint, depth2img, upscale)",
+        section="mode",
+        check=_check_file,
+    )
+    mask: ImageInput | None = option(
+        None, "inpaint mask: white = repaint", section="mode", check=_check_file
+    )
+    # depth2img: a greyscale file or a (1, H, W) tensor; None = estimate with the family's DPT
+    depth_map: ImageInput | Any | None = option(
+        None, "depth2img: greyscale depth map, near = bright", section="mode", check=_check_file
+    )
+    strength: float = option(
+        0.8,
+        "fraction of the diffusion run redone (img2img, inpaint, depth2img)",
+        valid="(0, 1]",
+        section="mode",
+    )
+    noise_level: int = option(
+        20, "upscale: noise added to the low-res input", valid="[0, 350]", section="mode"
+    )
+    steps: int = option(25, "denoising steps", valid="[1, inf)", section="sampling")
+    guidance_scale: float = option(
+        7.5,
+        "classifier-free guidance scale (below 1 turns guidance off)",
+        valid="(-inf, inf)",
+        section="sampling",
+        flag="--guidance",
+    )
+    seed: int = option(0, "seed of the first image", section="sampling")
+    num_images: int = option(
+        1, "images to make, seeds seed, seed+1, ...", valid=f"[1, {MAX_SEEDS}]", section="sampling"
+    )
+    seeds: list[int] = option(
+        [],
+        "explicit seeds, e.g. 1,7,42 (replace seed and num_images)",
+        section="sampling",
+        check=_check_seed_count,
+    )
+    batch_size: int | None = option(
+        None,
+        "images per pipeline call (default: all at once)",
+        valid="[1, inf)",
+        section="sampling",
+    )
+    width: int | None = option(
+        None,
+        "width in px, a multiple of 8 (default: the model's; other modes follow the image)",
+        section="sampling",
+        check=_check_side,
+    )
+    height: int | None = option(
+        None, "height in px, a multiple of 8", section="sampling", check=_check_side
+    )
+    scheduler: str | None = option(
+        None,
+        "sampler (default: the model's own)",
+        tuple(SCHEDULERS),
+        section="sampling",
+        check=_check_scheduler,
+    )
     # Sampling for a model trained with zero terminal SNR (Lin et al. 2023): the rescaled
     # schedule with trailing timesteps, and guidance rescaled by `guidance_rescale` (None: 0.7
     # with zero terminal SNR, else off; text-to-image only, the other pipelines lack it).
-    zero_terminal_snr: bool = False
-    guidance_rescale: float | None = None
+    zero_terminal_snr: bool | None = option(
+        None,
+        "sample for zero terminal SNR: rescaled schedule, trailing timesteps, guidance rescale "
+        "(default: as the adapter was trained)",
+        section="sampling",
+    )
+    guidance_rescale: float | None = option(
+        None,
+        "rescale guidance by this phi (default 0.7 with zero terminal SNR)",
+        valid="[0, 1]",
+        section="sampling",
+    )
+    snapshots: list[float] = option(
+        [],
+        "fractions of the run to save as a strip, e.g. 0.25,0.5,0.75",
+        valid="(0, 1]",
+        section="output",
+        label="snapshot fractions",
+    )
+    output_type: str = "pil"  # "pil" images, or "np" float arrays in [0, 1] for exact checks
 
     @property
     def mode_spec(self) -> Mode:
-        return get_mode(self.mode)
+        return get_mode(self.mode or "txt2img")
+
+    @property
+    def all_seeds(self) -> list[int]:
+        return seeds_for(self.seed, self.num_images, self.seeds)
 
     @property
     def effective_guidance_rescale(self) -> float:
@@ -69,33 +184,34 @@ def seeds_for(seed: int = 0, num_images: int = 1, seeds: list[int] | None = None
     if seeds:
         return [int(s) for s in seeds]
     if num_images < 1 or num_images > MAX_SEEDS:
-        raise SdtuneError(f"--num-images must be between 1 and {MAX_SEEDS}, got {num_images}")
+        raise SdtuneError(f"--num-images must be in [1, {MAX_SEEDS}], got {num_images}")
     return [seed + i for i in range(num_images)]
 
 
+def resolve_request(req: GenerationRequest, family: str | None = None) -> GenerationRequest:
+    """A copy with every unset option given its value: the family's first mode (txt2img
+    without a family), the seeds, one call for all images, 75 prompt tokens, no zero SNR."""
+    seeds = req.all_seeds
+    return replace(
+        req,
+        mode=req.mode or (default_mode(family) if family else "txt2img"),
+        seeds=seeds,
+        batch_size=req.batch_size or len(seeds),
+        max_token_length=req.max_token_length or 75,
+        zero_terminal_snr=bool(req.zero_terminal_snr),
+    )
+
+
 def check_numbers(req: GenerationRequest) -> None:
-    """Counts, sizes and fractions in range (no model needed); warns about low guidance."""
-    if req.steps < 1:
-        raise SdtuneError(f"--steps must be at least 1, got {req.steps}")
-    if req.batch_size < 1:
-        raise SdtuneError(f"--batch-size must be at least 1, got {req.batch_size}")
-    if not req.seeds or len(req.seeds) > MAX_SEEDS:
-        raise SdtuneError(f"give between 1 and {MAX_SEEDS} seeds, got {len(req.seeds)}")
-    check_side("width", req.width)
-    check_side("height", req.height)
-    if not 0.0 < req.strength <= 1.0:
-        raise SdtuneError(f"--strength must be in (0, 1], got {req.strength}")
-    if not 0 <= req.noise_level <= 350:
-        raise SdtuneError(f"--noise-level must be between 0 and 350, got {req.noise_level}")
-    if req.max_token_length not in MAX_TOKEN_LENGTHS:
-        raise SdtuneError(f"--max-token-length must be 75, 150 or 225, got {req.max_token_length}")
-    if req.guidance_rescale is not None and not 0.0 <= req.guidance_rescale <= 1.0:
-        raise SdtuneError(f"--guidance-rescale must be in [0, 1], got {req.guidance_rescale}")
+    """Every declared range and rule of the request's options (no model needed); warns about
+    low guidance."""
+    from sdtune.generate.schema import check_request
+
+    problems = check_request(req)
+    if problems:
+        raise SdtuneError(next(iter(problems.values())))
     if req.output_type not in ("pil", "np"):
         raise SdtuneError(f"output_type must be 'pil' or 'np', got '{req.output_type}'")
-    for fraction in req.snapshots:
-        if not 0.0 < fraction <= 1.0:
-            raise SdtuneError(f"snapshot fractions must be in (0, 1], got {fraction}")
     if req.guidance_scale < 1.0:
         logger.warning(
             "guidance scale %g is below 1: classifier-free guidance is off, so the negative "
@@ -114,17 +230,14 @@ def _resize_to_request(image: Any, req: GenerationRequest) -> Any:
 
 def prepare_request(req: GenerationRequest, family: str) -> GenerationRequest:
     """Check `req` against the model family and read its files; returns a ready copy."""
+    check_numbers(req)
+    req = resolve_request(req, family)
     mode = get_mode(req.mode)
     check_mode_fits(mode, family)
-    check_numbers(req)
     for name in mode.required:
         if getattr(req, name) is None:
             flag = name.replace("_", "-")
             raise SdtuneError(f"mode '{mode.name}' needs --{flag}")
-    if req.scheduler is not None:
-        from sdtune.generate.schedulers import get_scheduler_choice
-
-        get_scheduler_choice(req.scheduler)
     updates: dict[str, Any] = {}
     if "image" in dict(mode.arguments) and req.image is not None:
         image = read_image(req.image)
@@ -136,3 +249,73 @@ def prepare_request(req: GenerationRequest, family: str) -> GenerationRequest:
         if mode.name == "depth2img" and req.depth_map is not None:
             updates["depth_map"] = read_depth_map(req.depth_map, image.size)
     return replace(req, **updates)
+
+
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # the keys of sdtune.generate.device.DTYPES
+
+
+def _check_dtype(value: str, flag: str) -> None:
+    if value.lower() not in DTYPE_NAMES:
+        raise SdtuneError(f"unknown dtype '{value}'; valid dtypes: {', '.join(DTYPE_NAMES)}")
+
+
+def _check_family(value: str, flag: str) -> None:
+    get_family(value)
+
+
+def _check_adapters(value: list[tuple[str, float]], flag: str) -> None:
+    for path, _ in value:
+        if not Path(path).exists():
+            raise SdtuneError(f"{flag}: adapter '{path}' does not exist")
+
+
+@dataclass
+class SpeedOptions:
+    """How the model runs: device, precision and the optional CUDA speed-ups."""
+
+    device: str | None = option(
+        None, "cpu, cuda, cuda:N (default: CUDA if present, else the CPU)", section="speed"
+    )
+    dtype: str | None = option(
+        None,
+        "precision of the weights (default: fp16 on CUDA, fp32 elsewhere)",
+        DTYPE_NAMES,
+        section="speed",
+        check=_check_dtype,
+    )
+    compile: bool = option(
+        False, "torch.compile the U-Net (adapters get fused first)", section="speed"
+    )
+    cpu_offload: bool = option(
+        False, "keep models on the CPU until used (CUDA; for small GPUs)", section="speed"
+    )
+    channels_last: bool = option(False, "channels-last memory format", section="speed")
+
+
+@dataclass
+class GenerationJob:
+    """What `sdtune generate` runs: a request, the model and adapters, where the PNGs go."""
+
+    request: GenerationRequest = field(default_factory=GenerationRequest)
+    model: str | None = option(
+        None,
+        "base model (folder, hub id or .safetensors); defaults to the adapter's base model",
+        section="model",
+    )
+    family: str | None = option(
+        None,
+        "model family, if detection needs help",
+        tuple(FAMILIES),
+        section="model",
+        check=_check_family,
+    )
+    lora: list[tuple[str, float]] = option(
+        [],
+        "an adapter file or run folder, with an optional weight (repeatable)",
+        section="adapters",
+        metavar="FILE[:WEIGHT]",
+        check=_check_adapters,
+    )
+    fuse: bool = option(False, "fuse the adapters into the weights", section="adapters")
+    out: str = option("outputs/images", "folder for the PNGs", section="output")
+    speed: SpeedOptions = field(default_factory=SpeedOptions)

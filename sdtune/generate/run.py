@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +15,31 @@ from sdtune.adapters.io import read_adapter_metadata, resolve_adapter_path
 from sdtune.errors import SdtuneError
 from sdtune.generate.device import compile_unet, pick_device, pick_dtype, place_pipeline
 from sdtune.generate.engine import GenerationResult, mode_pipeline, run_request
-from sdtune.generate.modes import default_mode, get_mode
+from sdtune.generate.modes import get_mode
 from sdtune.generate.outputs import GenerationParams, save_grid, save_png
-from sdtune.generate.request import GenerationRequest, prepare_request, seeds_for
+from sdtune.generate.request import (
+    GenerationJob,
+    GenerationRequest,
+    SpeedOptions,
+    prepare_request,
+    resolve_request,
+)
+from sdtune.generate.schema import build_generation_job
 from sdtune.generate.snapshots import make_strip
 from sdtune.generate.txt2img import load_adapters
 
-__all__ = ["GenerationRequest", "generate", "generate_to_folder", "load_base", "pick_device"]
+__all__ = [
+    "GenerationJob",
+    "GenerationRequest",
+    "SpeedOptions",
+    "build_generation_job",
+    "generate",
+    "generate_to_folder",
+    "load_base",
+    "pick_device",
+]
 
 logger = logging.getLogger("sdtune.generate")
-
-
-@dataclass
-class SpeedOptions:
-    """How the model runs: device, precision and the optional CUDA speed-ups."""
-
-    device: str | None = None  # None: CUDA if present, else CPU
-    dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
-    channels_last: bool = False
-    compile: bool = False  # torch.compile the U-Net (adapters get fused first)
-    cpu_offload: bool = False  # keep models on the CPU until used (small GPUs)
 
 
 def base_model_of(adapters: list[tuple[str, float]]) -> str:
@@ -144,6 +149,7 @@ def build_generation_params(
     from sdtune.generate.schedulers import a1111_name_of
 
     sampler, schedule = a1111_name_of(result.scheduler or pipe.scheduler)
+    req = resolve_request(replace(req, mode=req.mode or result.mode))
     image = result.images[index]
     uses_strength = "strength" in dict(req.mode_spec.arguments)
     mask, extra = req.mask, {}
@@ -191,7 +197,8 @@ def save_result(
     adapters: list[tuple[str, float]],
 ) -> list[Path]:
     """PNGs per seed (with snapshot strips), and a grid for more than one image."""
-    prefix = "" if req.mode == "txt2img" else f"{req.mode}-"
+    mode = req.mode or result.mode
+    prefix = "" if mode == "txt2img" else f"{mode}-"
     paths = []
     for i, (seed, image) in enumerate(zip(result.seeds, result.images, strict=True)):
         params = build_generation_params(pipe, req, result, model, adapters, i)
@@ -208,76 +215,43 @@ def save_result(
     return paths
 
 
-def generate_to_folder(
-    prompt: str,
-    out_dir: str | Path,
-    model: str | None = None,
-    family: str | None = None,
-    adapters: list[tuple[str, float]] | None = None,
-    fuse: bool = False,
-    negative_prompt: str = "",
-    num_images: int = 1,
-    steps: int = 25,
-    guidance_scale: float = 7.5,
-    seed: int = 0,
-    width: int | None = None,
-    height: int | None = None,
-    device: str | None = None,
-    *,
-    mode: str | None = None,
-    seeds: list[int] | None = None,
-    batch_size: int | None = None,
-    speed: SpeedOptions | None = None,
-    **request_fields: Any,
-) -> list[Path]:
-    """Load, generate and save; returns the written paths. `request_fields` are further
-    `GenerationRequest` fields: image, mask, depth_map, strength, noise_level, scheduler,
-    snapshots, max_token_length and zero_terminal_snr (default for both: what the first adapter
-    was trained with), guidance_rescale. `mode`
-    defaults to the family's first (txt2img; inpaint for inpainting models)."""
-    from sdtune.models.families import detect_family
-
-    adapters = adapters or []
-    unknown = sorted(set(request_fields) - set(GenerationRequest.__dataclass_fields__))
-    if unknown:
-        raise TypeError(f"generate_to_folder() got unexpected arguments: {', '.join(unknown)}")
-    all_seeds = seeds_for(seed, num_images, seeds)
-    if request_fields.get("max_token_length") is None:
-        request_fields["max_token_length"] = trained_max_token_length(adapters)
-        if request_fields["max_token_length"] != 75:
+def _settings_from_adapters(req: GenerationRequest, adapters: list) -> GenerationRequest:
+    """Options left unset that the first adapter's training settles: the prompt length and
+    zero terminal SNR, so prompts and noise schedule match what the adapter learned."""
+    updates: dict[str, Any] = {}
+    if req.max_token_length is None:
+        updates["max_token_length"] = trained_max_token_length(adapters)
+        if updates["max_token_length"] != 75:
             logger.info(
                 "prompts encoded in windows up to %d tokens, as the adapter was trained",
-                request_fields["max_token_length"],
+                updates["max_token_length"],
             )
-    if request_fields.get("zero_terminal_snr") is None:
-        request_fields["zero_terminal_snr"] = trained_zero_terminal_snr(adapters)
-        if request_fields["zero_terminal_snr"]:
+    if req.zero_terminal_snr is None:
+        updates["zero_terminal_snr"] = trained_zero_terminal_snr(adapters)
+        if updates["zero_terminal_snr"]:
             logger.info(
                 "zero terminal SNR, as the adapter was trained: trailing timesteps and "
                 "rescaled guidance (--no-zero-terminal-snr turns it off)"
             )
-    req = GenerationRequest(
-        prompt=prompt,
-        mode=mode or "txt2img",
-        negative_prompt=negative_prompt,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        seeds=all_seeds,
-        batch_size=batch_size or len(all_seeds),
-        width=width,
-        height=height,
-        **request_fields,
-    )
+    return replace(req, **updates)
+
+
+def generate_to_folder(job: GenerationJob) -> list[Path]:
+    """Load the job's model and adapters, generate and save; returns the written paths.
+
+    Build the job from option values with `build_generation_job` (which checks them all
+    first). Options left unset follow the model (the mode: the family's first, txt2img or
+    inpaint) or the first adapter (prompt length, zero terminal SNR)."""
+    from sdtune.models.families import detect_family
+
+    adapters = job.lora
     for path, _ in adapters:
         resolve_adapter_path(path)  # a missing adapter fails before the model loads
-    model = model or base_model_of(adapters)
-    if mode is not None:
-        _check_mode_before_loading(mode, str(model), family)
-    speed = speed or SpeedOptions()
-    if device is not None:
-        speed = replace(speed, device=device)
-    pipe = load_base(model, family, adapters, fuse, speed)
-    if mode is None:
-        req = replace(req, mode=default_mode(detect_family(pipe).name))
+    req = _settings_from_adapters(job.request, adapters)
+    model = job.model or base_model_of(adapters)
+    if req.mode is not None:
+        _check_mode_before_loading(req.mode, str(model), job.family)
+    pipe = load_base(model, job.family, adapters, job.fuse, job.speed)
+    req = resolve_request(req, detect_family(pipe).name)
     result = generate(pipe, req)
-    return save_result(pipe, req, result, out_dir, str(model), adapters)
+    return save_result(pipe, req, result, job.out, str(model), adapters)

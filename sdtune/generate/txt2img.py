@@ -1,8 +1,6 @@
-"""Text-to-image generation with a base pipeline and optional LoRA adapters."""
+"""Adapters on a base pipeline, live or fused (every mode's pipeline shares them)."""
 
 from __future__ import annotations
-
-from PIL import Image
 
 
 def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False) -> None:
@@ -19,37 +17,3 @@ def load_adapters(pipe, adapters: list[tuple[str, float]], fuse: bool = False) -
         pipe.set_adapters(names, [weight for _, weight in adapters])
         if fuse:
             pipe.fuse_lora(adapter_names=names)
-
-
-def generate_images(
-    pipe,
-    prompt: str,
-    negative_prompt: str = "",
-    num_images: int = 1,
-    steps: int = 25,
-    guidance_scale: float = 7.5,
-    seed: int = 0,
-    width: int | None = None,
-    height: int | None = None,
-) -> list[Image.Image]:
-    """Images for seeds seed, seed+1, ...: each image depends only on its own seed.
-
-    The text-to-image case of `sdtune.generate.run.generate`, kept for the training loop's
-    samples; it runs through the same request path as every other mode.
-    """
-    from sdtune.generate.engine import run_request
-    from sdtune.generate.request import GenerationRequest, check_numbers, seeds_for
-
-    seeds = seeds_for(seed, num_images)
-    request = GenerationRequest(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        seeds=seeds,
-        batch_size=len(seeds),
-        width=width,
-        height=height,
-    )
-    check_numbers(request)
-    return run_request(pipe, request).images

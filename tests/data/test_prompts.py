@@ -104,7 +104,11 @@ def test_training_with_windows_and_generating_as_trained(tiny_sd1_dir, tmp_path,
     from safetensors.torch import load_file
 
     from sdtune.data.synthetic import write_shape_dataset
-    from sdtune.generate.run import generate_to_folder, trained_max_token_length
+    from sdtune.generate.run import (
+        build_generation_job,
+        generate_to_folder,
+        trained_max_token_length,
+    )
     from sdtune.train.loop import train
 
     images = tmp_path / "images"
@@ -133,7 +137,8 @@ def test_training_with_windows_and_generating_as_trained(tiny_sd1_dir, tmp_path,
     assert trained_max_token_length([(str(tmp_path / "run"), 1.0)]) == 150
     caplog.clear()
     with caplog.at_level("INFO", logger="sdtune.generate"):
+        values = {"prompt": LONG, "out": str(tmp_path / "images-out"), "steps": 2}
         paths = generate_to_folder(
-            LONG, tmp_path / "images-out", adapters=[(str(tmp_path / "run"), 1.0)], steps=2
+            build_generation_job({**values, "lora": [str(tmp_path / "run")]})
         )
     assert paths and "windows up to 150 tokens" in caplog.text

@@ -26,6 +26,7 @@ def test_data_inspect_reports_buckets_skips_and_captions(tmp_path, capsys):
     assert "64 x 64" in out  # the 60 px image gets a smaller bucket, not an upscale
     assert "over 77 tokens: 1" in out and "trigger 'sks': in 4 of 4" in out
     assert "red square (3)" in out
+    assert "not needed" not in out  # only the data section is asked for: no model.path
     square = main(["data", "inspect", f"data.dir={tmp_path}", "data.resolution=128"])
     assert square == 0 and "images upscaled to reach it: 3" in capsys.readouterr().out
     # the 120-token caption fits when captions are encoded in windows of 75 tokens

@@ -10,7 +10,13 @@ from PIL import Image
 
 from sdtune.cli.main import main
 from sdtune.generate.outputs import GenerationParams, save_png
-from sdtune.generate.run import GenerationRequest, generate, generate_to_folder, save_result
+from sdtune.generate.run import (
+    GenerationRequest,
+    build_generation_job,
+    generate,
+    generate_to_folder,
+    save_result,
+)
 from tests.generate.a1111_infotext import parse_infotext
 from tests.generate.conftest import tiny
 
@@ -65,11 +71,11 @@ def test_txt2img_images_grid_and_snapshots_carry_their_own_values(
 ):
     model = tmp_path / "toy, copy: 2"  # a real folder whose name must survive the round trip
     shutil.copytree(tiny_sd1_dir, model)
-    paths = generate_to_folder(
-        "a sks star, bright",
-        tmp_path / "out",
+    values = dict(
+        prompt="a sks star, bright",
+        out=str(tmp_path / "out"),
         model=str(model),
-        adapters=[(str(sd1_adapter), 0.7)],
+        lora=[(str(sd1_adapter), 0.7)],
         negative_prompt="blurry, dark",
         steps=2,
         guidance_scale=6.0,
@@ -78,6 +84,7 @@ def test_txt2img_images_grid_and_snapshots_carry_their_own_values(
         height=32,
         snapshots=[0.5],
     )
+    paths = generate_to_folder(build_generation_job(values))
     by_name = {p.name: _read(p) for p in paths}
     assert set(by_name) == {
         "seed5.png", "seed9.png", "seed11.png", "grid-seed5.png",

@@ -8,7 +8,12 @@ import torch
 from PIL import Image
 
 from sdtune.cli.main import main
-from sdtune.generate.run import GenerationRequest, generate, generate_to_folder
+from sdtune.generate.run import (
+    GenerationRequest,
+    build_generation_job,
+    generate,
+    generate_to_folder,
+)
 from sdtune.generate.schedulers import SCHEDULERS
 from tests.generate.conftest import tiny
 
@@ -17,12 +22,13 @@ def test_img2img_to_folder_with_snapshots_grid_and_params(tiny_sd1_dir, sd1_adap
     image, mask = tmp_path / "in.png", tmp_path / "mask.png"
     Image.new("RGB", (64, 64), "red").save(image)
     Image.new("L", (64, 64), 255).save(mask)
-    kwargs = dict(
-        model=str(tiny_sd1_dir), adapters=[(str(sd1_adapter), 0.7)], steps=4, seeds=[5, 9],
+    job = build_generation_job(dict(
+        prompt="a sks star", out=str(tmp_path / "out"),
+        model=str(tiny_sd1_dir), lora=[(str(sd1_adapter), 0.7)], steps=4, seeds=[5, 9],
         batch_size=1, mode="inpaint", image=str(image), mask=str(mask), strength=0.6,
         scheduler="dpm++2m-karras", snapshots=[0.5, 1.0], negative_prompt="blurry",
-    )  # fmt: skip
-    paths = generate_to_folder("a sks star", tmp_path / "out", **kwargs)
+    ))  # fmt: skip
+    paths = generate_to_folder(job)
     names = sorted(p.name for p in paths)
     assert names == [
         "inpaint-grid-seed5.png",
@@ -41,7 +47,7 @@ def test_img2img_to_folder_with_snapshots_grid_and_params(tiny_sd1_dir, sd1_adap
         assert field in text, field
     strip = Image.open(tmp_path / "out" / "inpaint-seed5-snapshots.png")
     assert strip.size == (3 * 64, 64)  # two snapshots and the final image
-    again = generate_to_folder("a sks star", tmp_path / "out", **kwargs)
+    again = generate_to_folder(job)
     assert sorted(p.name for p in again)[0] == "inpaint-grid-seed5-1.png"  # nothing overwritten
     first = np.asarray(Image.open(tmp_path / "out" / "inpaint-seed5.png"))
     np.testing.assert_array_equal(first, np.asarray(Image.open(again[0])))  # same seed, same image

@@ -12,7 +12,12 @@ from PIL import Image
 from sdtune.adapters.io import save_adapter
 from sdtune.adapters.lora import build_lora_config
 from sdtune.errors import SdtuneError
-from sdtune.generate.run import GenerationRequest, generate, generate_to_folder
+from sdtune.generate.run import (
+    GenerationRequest,
+    build_generation_job,
+    generate,
+    generate_to_folder,
+)
 from tests.generate.a1111_infotext import parse_infotext
 from tests.generate.conftest import ATTENTION, tiny
 
@@ -37,15 +42,9 @@ def ztsnr_adapter(tmp_path_factory):
 
 def _draw(ztsnr_adapter, out, **fields):
     _, adapter = ztsnr_adapter
+    values = dict(prompt="a star", out=str(out), lora=[(str(adapter), 1.0)], steps=3, seed=1)
     paths = generate_to_folder(
-        "a star",
-        out,
-        adapters=[(str(adapter), 1.0)],
-        steps=3,
-        seed=1,
-        width=32,
-        height=32,
-        **fields,
+        build_generation_job({**values, "width": 32, "height": 32, **fields})
     )
     return np.asarray(Image.open(paths[0])), parse_infotext(Image.open(paths[0]).text["parameters"])
 

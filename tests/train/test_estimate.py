@@ -199,6 +199,7 @@ def test_the_readme_estimate_line_prints_what_the_readme_says(capsys):
     assert main(shlex.split(command)[1:]) == 0
     out = capsys.readouterr().out
     assert out.startswith("assuming a CUDA GPU with bf16") or torch.cuda.is_available()
+    assert "model.path" not in command and "not needed" not in out  # the family is enough
     assert re.search(rf"^total\s+{re.escape(total)}\s", out, re.M), out
 
 

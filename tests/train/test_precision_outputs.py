@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdtune.config import load_config
-from sdtune.generate.run import SpeedOptions, generate_to_folder
+from sdtune.generate.run import build_generation_job, generate_to_folder
 from sdtune.train import prior
 from sdtune.train.loop import train
 from tests.generate.a1111_infotext import parse_infotext
@@ -89,10 +89,11 @@ def runs(tiny_sd1_dir, star_images, tmp_path_factory):
 
 def _generate(model, out, prompt, steps, precision, adapters=()) -> np.ndarray:
     """What `sdtune generate --dtype <precision> --seed 0` writes (the CLI calls this)."""
-    paths = generate_to_folder(
-        prompt, out, model=str(model), adapters=list(adapters), steps=steps, seed=0, width=SIZE,
-        height=SIZE, speed=SpeedOptions(dtype=PRECISIONS[precision]),
+    values = dict(
+        prompt=prompt, out=str(out), model=str(model), lora=list(adapters), steps=steps, seed=0,
+        width=SIZE, height=SIZE, dtype=PRECISIONS[precision],
     )  # fmt: skip
+    paths = generate_to_folder(build_generation_job(values))
     return np.asarray(Image.open(paths[0]))
 
 
