@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "caption": ("caption", "caption images with an image-to-text model (BLIP); writes sidecars"),
     "demo": ("demo", "teach the shipped toy model a new concept with a LoRA, end to end"),
     "eval": ("eval", "concept rate and retention of the toy model, with or without a LoRA"),
+    "ui": ("ui", "the local web app: datasets, runs with live progress, results, generation"),
 }
 
 

@@ -190,7 +190,11 @@ def tag_frequency(
 ) -> list[tuple[str, int]]:
     """Each tag of the folder's captions (split on `separator`) and how many times it occurs,
     most common first, ties in name order."""
-    view = list_dataset(folder, caption_ext, recursive)
+    return rank_tags(list_dataset(folder, caption_ext, recursive), separator)
+
+
+def rank_tags(view: DatasetView, separator: str = ",") -> list[tuple[str, int]]:
+    """`tag_frequency` of a listing already made."""
     counts = count_tags((item.caption for item in view.items), separator)
     return sorted(counts.items(), key=lambda tag_count: (-tag_count[1], tag_count[0]))
 
