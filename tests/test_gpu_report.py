@@ -29,6 +29,7 @@ def run_smoke(out: Path, *options: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow  # 45 s of CPU rehearsal for a script CI never runs on a GPU
 def test_smoke_report_holds_every_row_with_real_numbers(tmp_path):
     benchmarks_before = (SCRIPTS / "BENCHMARKS.md").read_bytes()
     proc = run_smoke(tmp_path)

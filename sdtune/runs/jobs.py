@@ -122,12 +122,20 @@ def new_job_id(kind: str, name: str = "") -> str:
 
 
 def submit(
-    ws: Workspace, kind: str, argv: list[str], folder: str, name: str = "", device: str = "default"
+    ws: Workspace,
+    kind: str,
+    argv: list[str],
+    folder: str,
+    name: str = "",
+    device: str = "default",
+    job_id: str | None = None,
 ) -> Job:
     """Queue a job and make sure a runner serves its device; returns the queued job."""
     if kind not in KINDS:
         raise SdtuneError(f"job kind must be one of {', '.join(KINDS)}, got '{kind}'")
-    job = Job(id=new_job_id(kind, name), kind=kind, argv=list(argv), folder=folder, name=name)
+    job_id = job_id or new_job_id(kind, name)
+    job_dir(ws, job_id)  # a valid id
+    job = Job(id=job_id, kind=kind, argv=list(argv), folder=folder, name=name)
     job.device = device
     with queue_lock(ws):
         write_job(ws, job)
@@ -172,7 +180,7 @@ def job_status(ws: Workspace, job: Job) -> str:
         return "cancelled"
     if job.started is None:
         return "queued"
-    if job.ended is None and pid_alive(job.pid):
+    if job.ended is None and (pid_alive(job.pid) or _runner_finishing(ws, job)):
         return "running"
     last = last_event(ws, job)
     if last is not None and last["event"] == "stopped":
@@ -182,6 +190,14 @@ def job_status(ws: Workspace, job: Job) -> str:
     if job.exit_code is not None or (last is not None and last["event"] == "failed"):
         return "failed"
     return "interrupted"
+
+
+def _runner_finishing(ws: Workspace, job: Job) -> bool:
+    """The job's process just ended and its runner, alive, is about to write how."""
+    if not runner_alive(ws, job.device):
+        return False
+    started = [j for j in list_jobs(ws) if j.device == job.device and j.started is not None]
+    return max(started, key=lambda j: j.started).id == job.id
 
 
 def error_line(ws: Workspace, job: Job) -> str | None:

@@ -83,7 +83,8 @@ async def generate(request: Request):
     job_id = jobs.new_job_id("generate", str(values.get("mode") or "txt2img"))
     folder = f"{GENERATED_DIR}/{job_id}"
     argv = ["generate", *generation_argv(values), "--out", folder]
-    job = jobs.submit(ws, "generate", argv, folder=folder, name=str(values.get("prompt", ""))[:60])
+    name = str(values.get("prompt", ""))[:60]
+    job = jobs.submit(ws, "generate", argv, folder=folder, name=name, job_id=job_id)
     return {"job": job.id, "folder": folder}
 
 

@@ -133,7 +133,9 @@ def _wait_for_step(out: Path, proc: subprocess.Popen, step: int) -> None:
     raise AssertionError(f"the run never reached step {step}: {proc.communicate()}")
 
 
-@pytest.mark.parametrize("how", ["stop file", "SIGTERM"])
+# The stop file is also what the web app's stop button writes; its end-to-end tests (tests/ui)
+# stop and resume through it in the default run, so its bit-exact variant here runs with -m slow.
+@pytest.mark.parametrize("how", [pytest.param("stop file", marks=pytest.mark.slow), "SIGTERM"])
 def test_a_stop_request_checkpoints_exits_cleanly_and_resume_equals_the_whole_run(
     tiny_sd1_dir, star_images, tmp_path, how
 ):

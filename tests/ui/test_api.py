@@ -7,7 +7,6 @@ import io
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -275,5 +274,35 @@ def test_a_run_started_from_the_app_is_the_run_the_cli_makes(client):
     assert ui_meta == cli_meta
     result = client.get("/api/run/result", params={"folder": "runs/ui-run"}).json()
     assert "lora" in result["summary"].lower() and result["files"]
-    time.sleep(0)  # (the CLI run is listed too: found from its events)
-    assert "cli-run" in {r["folder"] for r in client.get("/api/runs").json()}
+    assert "cli-run" in {r["folder"] for r in client.get("/api/runs").json()}  # found by its events
+    # Results: the kohya file is checked against the consumers' key rules before it is written;
+    # the toy base numbers its blocks unlike a full-size U-Net, so AUTOMATIC1111 would drop
+    # layers, and the app passes on the refusal instead of writing a file that loses them
+    converted = client.post("/api/run/convert", json={"folder": "runs/ui-run"})
+    assert converted.status_code == 400, converted.text
+    assert "AUTOMATIC1111 would not load" in converted.json()["error"]
+    assert not (ws.root / "runs/ui-run/ui-run-kohya.safetensors").exists()
+    # Generate: img2img from an uploaded image with the run's adapter at weight 0.8
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 90, 200)).save(buffer, format="PNG")
+    upload = client.post("/api/upload", files={"file": ("in.png", buffer.getvalue(), "image/png")})
+    values = {
+        "prompt": "a sks ring",
+        "mode": "img2img",
+        "image": upload.json()["path"],
+        "steps": "3",
+        "strength": "0.5",
+        "lora": ["runs/ui-run:0.8"],
+        "seed": "7",
+    }
+    job = client.post("/api/generate", json={"values": values}).json()["job"]
+
+    def drawn():
+        jobs = {j["id"]: j for j in client.get("/api/jobs", params={"kind": "generate"}).json()}
+        assert jobs[job]["status"] in ("queued", "running", "finished"), jobs[job]["log"]
+        return jobs[job]["status"] == "finished"
+
+    wait_until(drawn, what="the img2img job")
+    (item,) = [g for g in client.get("/api/gallery").json() if g["job"] == job]
+    assert "Seed: 7" in item["parameters"] and "Denoising strength: 0.5" in item["parameters"]
+    assert Image.open(ws.root / item["path"]).size == (64, 64)
