@@ -41,6 +41,8 @@ def main() -> int:
 
                 def shot(name: str) -> None:
                     path = out / f"{name}.png"
+                    page.evaluate("document.activeElement && document.activeElement.blur()")
+                    page.evaluate("window.scrollTo(0, 0)")
                     page.screenshot(path=str(path))
                     print(path)
 

@@ -92,8 +92,10 @@ def walk_every_page(page, url: str, workspace: Path, shot: Callable[[str], None]
     page.click("#res-try")
     page.wait_for_selector('[data-key="lora"]')
     assert "runs/browser-run" in page.input_value('[data-key="lora"]')
+    page.fill('[data-key="prompt"]', "a photo of a red sks ring on a white background")
     page.fill('[data-key="steps"]', "4")
     page.click("#gen-start")
     page.wait_for_selector(".gal-item img", timeout=180_000)
-    assert "Steps: 4" in page.inner_text(".gal-item pre")
+    parameters = page.inner_text(".gal-item pre")
+    assert "a red sks ring" in parameters and "Steps: 4" in parameters
     shot("generate")

@@ -136,8 +136,10 @@ function datasetCard(item) {
     setTimeout(() => { state.textContent = ""; }, 2000);
   }));
   const img = el("img", { loading: "lazy", src: `/api/thumb?path=${encodeURIComponent(path)}`, alt: item.path });
+  // the image fills its square as large as it fits, so a crop box drawn on it lines up
+  const fit = item.width >= item.height ? `width:100%;aspect-ratio:${item.width}/${item.height}` : `height:100%;aspect-ratio:${item.width}/${item.height}`;
   return el("div", { class: "ds-item", "data-path": item.path },
-    el("div", { class: "thumb" }, el("div", { class: "thumb-inner" }, img)),
+    el("div", { class: "thumb" }, el("div", { class: "thumb-inner", style: fit }, img)),
     el("div", { class: "name", title: item.path }, `${item.path} · ${item.width}×${item.height} `, state), area);
 }
 
@@ -295,6 +297,8 @@ function onRunEvent(event) {
     $("#run-progress").textContent = `step ${event.step}/${event.max_steps}`;
     $("#run-speed").textContent = `${event.images_per_s.toFixed(1)} img/s`;
     $("#run-eta").textContent = `${Math.round(event.eta_s)} s left`;
+    const row = document.querySelector(`.run-row[data-folder="${runs.folder}"]`);
+    if (row) updateRow(row, { status: $("#run-status").textContent || "running", step: event.step, max_steps: event.max_steps, loss: event.loss });
     drawCharts();
   } else if (event.event === "sample") {
     const img = el("img", { src: `${fileUrl(event.grid)}&t=${event.step}`, alt: `samples at step ${event.step}`, title: `step ${event.step}` });
@@ -313,9 +317,17 @@ function onRunStatus(run) {
   $("#run-resume").disabled = !["stopped", "failed", "interrupted"].includes(run.status);
   $("#run-open-result").disabled = run.status !== "finished";
   if (run.error) { $("#run-error").hidden = false; $("#run-error").textContent = run.error; }
-  const row = document.querySelector(`.run-row[data-folder="${run.folder}"] .status`);
-  if (row) { row.textContent = run.status; row.className = `status ${run.status}`; }
+  const row = document.querySelector(`.run-row[data-folder="${run.folder}"]`);
+  if (row) updateRow(row, run);
   else if (!$("#page-runs").hidden) pages.runs();
+}
+
+function updateRow(row, run) {
+  const [, status, step, loss] = row.children;
+  status.firstChild.textContent = run.status;
+  status.firstChild.className = `status ${run.status}`;
+  step.textContent = run.max_steps ? `${run.step}/${run.max_steps}` : "";
+  loss.textContent = run.loss === null || run.loss === undefined ? "" : run.loss.toFixed(4);
 }
 
 function drawChart(canvas, points, log) {
