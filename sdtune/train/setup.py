@@ -28,13 +28,24 @@ from sdtune.data.prompts import tokenize_prompts
 from sdtune.data.sources import ScanReport, scan_data_config
 from sdtune.data.streaming import StreamingImageDataset, StreamLoader
 from sdtune.errors import SdtuneError
+from sdtune.models.families import FAMILIES, INPAINT_INPUTS, Family
 from sdtune.train.checkpoint import CHECKPOINTS_DIR
 from sdtune.train.objectives import compute_zero_terminal_snr
 from sdtune.train.outputs import check_output_dir
 
-# Families the loop can feed: plain U-Nets (4 channels) and inpainting ones (9 channels: the
-# loop draws masks). Depth (5) needs depth maps and the x4 upscaler low-res images: not yet.
-TRAINABLE_FAMILIES = ("sd1", "sd2-base", "sd2-v", "sd1-inpaint", "sd2-inpaint")
+
+def _loop_can_feed(family: Family) -> bool:
+    """Whether the loop makes every U-Net input `family` takes: the latents alone, or with a
+    mask and the masked image's latents (the loop draws masks), from one text encoder and no
+    micro-conditioning. Depth maps and the upscaler's low-res images it does not make yet."""
+    return (
+        family.extra_inputs in ((), INPAINT_INPUTS)
+        and family.text_encoders == ("text_encoder",)
+        and not family.micro_conditioning
+    )
+
+
+TRAINABLE_FAMILIES = tuple(name for name, f in FAMILIES.items() if _loop_can_feed(f))
 
 
 @dataclass(frozen=True)
@@ -142,7 +153,7 @@ def trackers(log_with: str) -> list[str]:
 
 
 def load_base(cfg: RunConfig):
-    """The base pipeline and its family; only families with plain 4-channel U-Nets train."""
+    """The base pipeline and its family; only families whose inputs the loop makes train."""
     from sdtune.models.families import detect_family
     from sdtune.models.loading import load_pipeline
 
