@@ -21,7 +21,7 @@ from sdtune.config import RunConfig
 from sdtune.data.buckets import BucketBatchSampler, assign_sample_buckets
 from sdtune.data.cache import pixel_digest
 from sdtune.data.captions import CaptionAugment, warn_long_captions
-from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset
+from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset, collate_sizes
 from sdtune.data.dreambooth import PriorPreservationDataset, collate_pairs
 from sdtune.data.multi import augments_per_sample, items_per_epoch, repeats_per_sample
 from sdtune.data.prompts import tokenize_prompts
@@ -321,8 +321,9 @@ def make_collate(
     tokenizer, paired: bool = False, max_token_length: int = 75, pixel_keys: bool = False
 ):
     """Batch items: stacked pixels, the captions and their token ids (in windows of 77, see
-    sdtune.data.prompts), and the items' draw numbers; with `pixel_keys`, each image's latent
-    cache key, computed here so that loader workers do the hashing, not the training step."""
+    sdtune.data.prompts), the items' draw numbers and sizes ((batch, 2) tensors of original
+    size, crop top-left and target size); with `pixel_keys`, each image's latent cache key,
+    computed here so that loader workers do the hashing, not the training step."""
 
     def collate(items: list[dict]) -> dict:
         if paired:
@@ -332,6 +333,7 @@ def make_collate(
                 "pixel_values": torch.stack([i["pixel_values"] for i in items]),
                 "captions": [i["caption"] for i in items],
                 "draws": [i["draw"] for i in items],
+                **collate_sizes(items),
             }
         batch["input_ids"] = tokenize_prompts(tokenizer, batch["captions"], max_token_length)
         if pixel_keys:
