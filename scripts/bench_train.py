@@ -311,6 +311,7 @@ def run_textbook(
 def count_step_flops(args) -> None:
     """Per-image TFLOP of one LoRA step of the full-size (or tiny) model, counted on meta:
     U-Net forward and backward, VAE encoder, text encoder; with and without checkpointing."""
+    from sdtune.models.families import detect_family
     from sdtune.train.estimate import simulate_step
     from sdtune.train.setup import add_lora_adapters, enable_gradient_checkpointing
 
@@ -332,7 +333,7 @@ def count_step_flops(args) -> None:
             p.data = p.data.to(dtype)
         parts = count_parts(pipe, cfg, dtype)
         with FlopCounterMode(display=False) as counter:
-            simulate_step(pipe, cfg, dtype, pipe.unet.config.in_channels)
+            simulate_step(pipe, cfg, dtype, detect_family(pipe).extra_in_channels)
         step = counter.get_total_flops() - parts["text encoder"]
         if not checkpointing:
             forward = parts["U-Net forward"]

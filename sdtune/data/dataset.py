@@ -1,4 +1,5 @@
-"""The torch Dataset the training loop reads: (pixel tensor, caption) per item.
+"""The torch Dataset the training loop reads: (pixel tensor, caption) per item, with the item's
+original size, crop top-left and target size (for U-Nets conditioned on them; SD 1/2 ignore them).
 
 How an item knows its epoch: `EpochShuffleSampler` yields `epoch * len(dataset) + i` for a seeded
 permutation of `i`, and the Dataset splits that back into (epoch, i). So the caption of item `i`
@@ -24,7 +25,14 @@ from torch.utils.data import Dataset, Sampler
 from sdtune.data.captions import CaptionAugment, caption_rng
 from sdtune.data.images import ImageDecodeError
 from sdtune.data.sources import Sample
-from sdtune.data.transforms import fit_to_bucket, resize_and_crop, to_tensor
+from sdtune.data.transforms import (
+    SIZE_KEYS,
+    apply_fit,
+    compute_bucket_fit,
+    compute_size_conditioning,
+    compute_square_fit,
+    to_tensor,
+)
 from sdtune.errors import SdtuneError
 
 logger = logging.getLogger("sdtune.data")
@@ -96,16 +104,18 @@ class ImageCaptionDataset(Dataset):
         if size is None and self.buckets is not None:
             size = self.buckets[position]
         if size is None:
-            img = resize_and_crop(image, self.resolution, self.center_crop, rng)
+            fit = compute_square_fit(image.size, self.resolution, self.center_crop, rng)
         else:
-            img = fit_to_bucket(image, size, self.crop, rng)
-        pixels = to_tensor(img)
-        if self.random_flip and rng.random() < 0.5:
+            fit = compute_bucket_fit(image.size, size, self.crop, rng)
+        pixels = to_tensor(apply_fit(image, fit))
+        flipped = self.random_flip and rng.random() < 0.5
+        if flipped:
             pixels = pixels.flip(-1)
         caption, augment = sample.caption, self.augments[position]
         if augment.active:
             caption = augment.apply(caption, caption_rng(self.seed, epoch, index))
-        return {"pixel_values": pixels, "caption": caption, "draw": draw}
+        item = {"pixel_values": pixels, "caption": caption, "draw": draw}
+        return item | compute_size_conditioning(fit, flipped)
 
     def _load_with_fallback(self, position: int):
         """Sample `position`'s image, or the next sample (in order) that still decodes."""
@@ -127,6 +137,18 @@ class ImageCaptionDataset(Dataset):
         raise SdtuneError(
             f"none of the {n} dataset images decodes any more (first: {self.samples[0].image_path})"
         )
+
+
+def collate_sizes(items: list[dict], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The items' sizes (`original_size`, `crop_top_left`, `target_size`, read from
+    `prefix + key`), each stacked into a (batch, 2) long tensor; nothing for items made without
+    them (hand-built ones)."""
+    if not items or any(prefix + key not in item for item in items for key in SIZE_KEYS):
+        return {}
+    return {
+        key: torch.tensor([list(item[prefix + key]) for item in items], dtype=torch.long)
+        for key in SIZE_KEYS
+    }
 
 
 def view_rng(seed: int, epoch: int, index: int) -> random.Random:

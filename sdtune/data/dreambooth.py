@@ -8,6 +8,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from sdtune.data.dataset import collate_sizes
+from sdtune.data.transforms import SIZE_KEYS
+
 # Class items draw their noise from seeds far from the instance items' seeds.
 CLASS_DRAW_OFFSET = 1 << 40
 
@@ -37,15 +40,20 @@ class PriorPreservationDataset(Dataset):
         item["class_pixel_values"] = paired["pixel_values"]
         item["class_caption"] = paired["caption"]
         item["class_draw"] = CLASS_DRAW_OFFSET + paired["draw"]
+        for key in SIZE_KEYS:
+            item["class_" + key] = paired[key]
         return item
 
 
 def collate_pairs(items: list[dict]) -> dict:
-    """Instance items first, then their class items, with a mask marking the class half."""
+    """Instance items first, then their class items, with a mask marking the class half (the
+    sizes, (batch, 2) tensors, in the same order)."""
     pixels = [i["pixel_values"] for i in items] + [i["class_pixel_values"] for i in items]
+    instances, classes = collate_sizes(items), collate_sizes(items, "class_")
     return {
         "pixel_values": torch.stack(pixels),
         "captions": [i["caption"] for i in items] + [i["class_caption"] for i in items],
         "draws": [i["draw"] for i in items] + [i["class_draw"] for i in items],
         "prior": torch.tensor([False] * len(items) + [True] * len(items)),
+        **{k: torch.cat([instances[k], classes[k]]) for k in instances.keys() & classes.keys()},
     }

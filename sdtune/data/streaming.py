@@ -32,7 +32,12 @@ from sdtune.data.captions import CaptionAugment, build_caption, caption_rng, cle
 from sdtune.data.hf import load_image_value, select_split
 from sdtune.data.images import IMAGE_EXTENSIONS, ImageDecodeError
 from sdtune.data.sources import Sample, ScanReport
-from sdtune.data.transforms import resize_and_crop, to_tensor
+from sdtune.data.transforms import (
+    apply_fit,
+    compute_size_conditioning,
+    compute_square_fit,
+    to_tensor,
+)
 from sdtune.errors import SdtuneError
 
 logger = logging.getLogger("sdtune.data")
@@ -204,13 +209,16 @@ class StreamingImageDataset(IterableDataset):
     def _item(self, image, row: dict, label: Path, k: int, epoch: int) -> dict:
         draw = epoch * EPOCH_STRIDE + k
         rng = random.Random(self.seed * 1_000_003 + draw)
-        pixels = to_tensor(resize_and_crop(image, self.d.resolution, self.d.center_crop, rng))
-        if self.d.random_flip and rng.random() < 0.5:
+        fit = compute_square_fit(image.size, self.d.resolution, self.d.center_crop, rng)
+        pixels = to_tensor(apply_fit(image, fit))
+        flipped = self.d.random_flip and rng.random() < 0.5
+        if flipped:
             pixels = pixels.flip(-1)
         caption = _static_caption(row, label, self.d)
         if self.augment.active:
             caption = self.augment.apply(caption, caption_rng(self.seed, epoch, k))
-        return {"pixel_values": pixels, "caption": caption, "draw": draw}
+        item = {"pixel_values": pixels, "caption": caption, "draw": draw}
+        return item | compute_size_conditioning(fit, flipped)
 
 
 def _rows(stream, chunk: int = 64) -> Iterator[dict]:

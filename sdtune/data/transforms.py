@@ -2,7 +2,8 @@
 
 The geometry (how big the resized image is, where the crop or the padding goes) is computed
 apart from the pixels, by `compute_square_fit` and `compute_bucket_fit`, so that a dry run can
-show exactly the region training keeps without touching an image.
+show exactly the region training keeps without touching an image, and every item can carry its
+original size and crop position (`compute_size_conditioning`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,29 @@ def compute_bucket_fit(
     else:
         left, top = rng.randint(0, new_w - width), rng.randint(0, new_h - height)
     return Fit(source, (new_w, new_h), (left, top), size, True)
+
+
+# The sizes an item carries beside its pixels, for U-Nets conditioned on them (SDXL).
+SIZE_KEYS = ("original_size", "crop_top_left", "target_size")
+
+
+def compute_size_conditioning(fit: Fit, flipped: bool = False) -> dict[str, tuple[int, int]]:
+    """An item's sizes as SDXL's micro-conditioning counts them (Podell et al. 2023, sec. 2.2):
+    `original_size` (height, width) of the upright source before resizing, `crop_top_left`
+    (top, left) of the kept region in the resized image, and `target_size` (height, width).
+
+    Crop coordinates are in the resized image, as diffusers' SDXL training scripts count them.
+    A flipped item counts its left edge in the flipped resized image (where a flip-then-crop
+    pipeline would have cut the same pixels). A padded item has nothing cut: (0, 0).
+    """
+    left, top = fit.offset if fit.cover else (0, 0)
+    if flipped and fit.cover:
+        left = fit.resized[0] - left - fit.size[0]
+    return {
+        "original_size": (fit.source[1], fit.source[0]),
+        "crop_top_left": (top, left),
+        "target_size": (fit.size[1], fit.size[0]),
+    }
 
 
 def apply_fit(

@@ -22,20 +22,47 @@ from sdtune.models.tokenizer import CONFIGS_DIR, write_tokenizer_folder
 # Cross-attention widths of the real text encoders: CLIP ViT-L/14 (SD 1), OpenCLIP ViT-H (SD 2).
 SD1_CONTEXT_DIM = 768
 SD2_CONTEXT_DIM = 1024
+LATENT_CHANNELS = 4  # what the VAE of every family here encodes an image to
+
+# The U-Net inputs a family concatenates to the noisy latents, (name, channels) in their order.
+INPAINT_INPUTS = (("mask", 1), ("masked_image_latents", 4))
+DEPTH_INPUTS = (("depth", 1),)
+LOW_RES_INPUTS = (("low_res_image", 3),)  # the x4 upscaler's noised low-resolution RGB image
 
 
 @dataclass(frozen=True)
 class Family:
-    """One model family: what it is, how diffusers runs it, and what tells it apart."""
+    """One model family: what it is, how diffusers runs it, and what tells it apart.
+
+    Code that behaves differently per family asks these declared capabilities (its text
+    encoders, the U-Net inputs beside the latents, micro-conditioning), never channel counts.
+    """
 
     name: str  # public id, e.g. "sd1"
     description: str
     pipeline_class: str  # diffusers pipeline class name
-    unet_in_channels: int  # 4 latents (+1 depth, +5 mask and masked image, +3 low-res image)
     cross_attention_dim: int  # width of the text embeddings the U-Net attends to
     prediction_type: str  # "epsilon" | "v_prediction"
     resolution: int  # native output side in pixels
     sd_version: int = 1  # 1: CLIP ViT-L text encoder; 2: OpenCLIP ViT-H text encoder
+    text_encoders: tuple[str, ...] = ("text_encoder",)  # pipeline part names, in prompt order
+    extra_inputs: tuple[tuple[str, int], ...] = ()  # (name, channels) after the latents
+    micro_conditioning: bool = False  # U-Net conditioned on original size, crop and target size
+
+    @property
+    def extra_in_channels(self) -> int:
+        """U-Net input channels beyond the noisy latents (inpainting: mask 1 + masked image 4)."""
+        return sum(channels for _, channels in self.extra_inputs)
+
+    @property
+    def unet_in_channels(self) -> int:
+        """All the U-Net's input channels: the latents and the extra inputs."""
+        return LATENT_CHANNELS + self.extra_in_channels
+
+    @property
+    def takes_inpaint_inputs(self) -> bool:
+        """Whether the U-Net is fed a mask and the masked image's latents beside the latents."""
+        return self.extra_inputs == INPAINT_INPUTS
 
     @property
     def config_dir(self) -> Path:
@@ -43,17 +70,17 @@ class Family:
         return CONFIGS_DIR / self.name
 
 
-def _family(name: str, description: str, pipeline: str, in_ch: int, version: int, **kw) -> Family:
+def _family(name: str, description: str, pipeline: str, version: int, **kw) -> Family:
     context_dim = SD2_CONTEXT_DIM if version == 2 else SD1_CONTEXT_DIM
     return Family(
         name=name,
         description=description,
         pipeline_class=pipeline,
-        unet_in_channels=in_ch,
         cross_attention_dim=context_dim,
         prediction_type=kw.get("prediction_type", "epsilon"),
         resolution=kw.get("resolution", 512),
         sd_version=version,
+        extra_inputs=kw.get("extra_inputs", ()),
     )
 
 
@@ -62,33 +89,44 @@ _INPAINT = "StableDiffusionInpaintPipeline"
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        _family("sd1", "Stable Diffusion 1.4/1.5, 512 px", _TXT2IMG, 4, 1),
-        _family("sd1-inpaint", "SD 1.5 inpainting (9-channel U-Net)", _INPAINT, 9, 1),
-        _family("sd2-base", "Stable Diffusion 2.x base, 512 px, epsilon", _TXT2IMG, 4, 2),
+        _family("sd1", "Stable Diffusion 1.4/1.5, 512 px", _TXT2IMG, 1),
+        _family(
+            "sd1-inpaint",
+            "SD 1.5 inpainting (9-channel U-Net)",
+            _INPAINT,
+            1,
+            extra_inputs=INPAINT_INPUTS,
+        ),
+        _family("sd2-base", "Stable Diffusion 2.x base, 512 px, epsilon", _TXT2IMG, 2),
         _family(
             "sd2-v",
             "Stable Diffusion 2.x 768-v, v-prediction",
             _TXT2IMG,
-            4,
             2,
             prediction_type="v_prediction",
             resolution=768,
         ),
-        _family("sd2-inpaint", "SD 2 inpainting (9-channel U-Net)", _INPAINT, 9, 2),
+        _family(
+            "sd2-inpaint",
+            "SD 2 inpainting (9-channel U-Net)",
+            _INPAINT,
+            2,
+            extra_inputs=INPAINT_INPUTS,
+        ),
         _family(
             "sd2-depth",
             "SD 2 depth-to-image (5-channel U-Net + DPT depth estimator)",
             "StableDiffusionDepth2ImgPipeline",
-            5,
             2,
+            extra_inputs=DEPTH_INPUTS,
         ),
         _family(
             "sd2-upscale",
             "SD x4 upscaler (7-channel U-Net, noise-level class embedding); 128 -> 512 px",
             "StableDiffusionUpscalePipeline",
-            7,
             2,
             prediction_type="v_prediction",
+            extra_inputs=LOW_RES_INPUTS,
         ),
     )
 }
@@ -130,21 +168,44 @@ def match_family(
     is_upscaler: bool = False,
     source: str = "model",
 ) -> Family:
-    """The family with these traits; an error if no SD 1.x/2.x family has them."""
-    if is_upscaler or in_channels == 7:
-        return FAMILIES["sd2-upscale"]
-    if has_depth_estimator or in_channels == 5:
-        return FAMILIES["sd2-depth"]
-    if in_channels == 9:
-        return FAMILIES["sd2-inpaint" if sd2 else "sd1-inpaint"]
-    if in_channels == 4:
+    """The family with these traits; an error if no SD 1.x/2.x family has them, or if the
+    parts say one family and the U-Net's inputs another."""
+    extra = in_channels - LATENT_CHANNELS
+    if is_upscaler or extra == sum(c for _, c in LOW_RES_INPUTS):
+        family = FAMILIES["sd2-upscale"]
+    elif has_depth_estimator or extra == sum(c for _, c in DEPTH_INPUTS):
+        family = FAMILIES["sd2-depth"]
+    elif extra == sum(c for _, c in INPAINT_INPUTS):
+        family = FAMILIES["sd2-inpaint" if sd2 else "sd1-inpaint"]
+    elif extra == 0:
         if not sd2:
-            return FAMILIES["sd1"]
-        return FAMILIES["sd2-v" if prediction_type == "v_prediction" else "sd2-base"]
-    raise SdtuneError(
-        f"{source}: U-Net with {in_channels} input channels is not a Stable Diffusion 1.x/2.x "
-        "family (expected 4, 5, 7 or 9)"
-    )
+            family = FAMILIES["sd1"]
+        else:
+            family = FAMILIES["sd2-v" if prediction_type == "v_prediction" else "sd2-base"]
+    else:
+        counts = sorted({f.unet_in_channels for f in FAMILIES.values()})
+        raise SdtuneError(
+            f"{source}: U-Net with {in_channels} input channels is not a Stable Diffusion "
+            f"1.x/2.x family (expected {', '.join(map(str, counts[:-1]))} or {counts[-1]})"
+        )
+    check_unet_inputs(family, in_channels, source)
+    return family
+
+
+def describe_unet_inputs(family: Family) -> str:
+    """The U-Net's inputs in words, e.g. '4 latent + 1 mask + 4 masked_image_latents = 9'."""
+    parts = [f"{LATENT_CHANNELS} latent"] + [f"{c} {name}" for name, c in family.extra_inputs]
+    return " + ".join(parts) + (f" = {family.unet_in_channels}" if family.extra_inputs else "")
+
+
+def check_unet_inputs(family: Family, in_channels: int, source: str = "model") -> None:
+    """An error naming both sides when a U-Net's input channels are not what `family` feeds."""
+    if in_channels != family.unet_in_channels:
+        raise SdtuneError(
+            f"{source}: its U-Net takes {in_channels} input channels, but family "
+            f"'{family.name}' feeds {describe_unet_inputs(family)}; "
+            "check the model's U-Net config or choose the family that matches it"
+        )
 
 
 def _check_not_sdxl(unet_config: dict[str, Any], source: str) -> None:

@@ -96,8 +96,9 @@ def _resolve_family(given: Family | None, detected: Family, source: Path | str) 
     """The user's family if it fits the weights (same U-Net inputs and text encoder)."""
     if given is None:
         return detected
-    same_shape = (given.unet_in_channels, given.sd_version) == (
-        detected.unet_in_channels,
+    same_shape = (given.extra_inputs, given.text_encoders, given.sd_version) == (
+        detected.extra_inputs,
+        detected.text_encoders,
         detected.sd_version,
     )
     if not same_shape:

@@ -296,8 +296,8 @@ def estimate_memory(cfg: RunConfig, pipe: Any = None, fp32_norms: bool = True) -
     # adapter is cast instead, so its inputs are saved in the half dtype as on the GPU.
     for p in trainable:
         p.data = p.data.to(dtype)
-    in_channels = detect_family(pipe).unet_in_channels
-    saved, peak, grads = simulate_step(pipe, cfg, dtype, in_channels, fp32_norms)
+    extra_channels = detect_family(pipe).extra_in_channels
+    saved, peak, grads = simulate_step(pipe, cfg, dtype, extra_channels, fp32_norms)
     return MemoryEstimate(
         weights=weights,
         lora=lora,
@@ -311,17 +311,17 @@ def estimate_memory(cfg: RunConfig, pipe: Any = None, fp32_norms: bool = True) -
 
 
 def simulate_step(
-    pipe, cfg: RunConfig, dtype: torch.dtype, in_channels: int, fp32_norms: bool = True
+    pipe, cfg: RunConfig, dtype: torch.dtype, extra_channels: int, fp32_norms: bool = True
 ):
     """One training step on `pipe`'s device, under autocast's casts when `dtype` is a half
     type; returns (bytes alive after the forward, peak bytes of the step, bytes of the
     gradients it left), counting only what the step allocated."""
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     with autocast_on_meta((unet, vae, text_encoder), dtype, fp32_norms):
-        return _simulate_step(pipe, cfg, dtype, in_channels)
+        return _simulate_step(pipe, cfg, dtype, extra_channels)
 
 
-def _simulate_step(pipe, cfg: RunConfig, dtype: torch.dtype, in_channels: int):
+def _simulate_step(pipe, cfg: RunConfig, dtype: torch.dtype, extra_channels: int):
     global _preexisting
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     device, batch = unet.device, cfg.train.batch_size
@@ -352,8 +352,9 @@ def _simulate_step(pipe, cfg: RunConfig, dtype: torch.dtype, in_channels: int):
             del mean, std
             noise = torch.randn_like(latents)
             noisy = latents + noise
-            if in_channels == 9:  # mask + masked-image latents
-                extra = torch.empty(batch, 5, latent_side, latent_side, device=device, dtype=dtype)
+            if extra_channels:  # the family's inputs beside the latents (inpainting: mask + image)
+                shape = (batch, extra_channels, latent_side, latent_side)
+                extra = torch.empty(shape, device=device, dtype=dtype)
                 noisy = torch.cat([noisy, extra], 1)
             timesteps = torch.zeros(batch, dtype=torch.long, device=device)
             tokens = TOKENS * (getattr(cfg.data, "max_token_length", 75) // 75)  # windows of 75

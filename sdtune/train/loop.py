@@ -172,7 +172,7 @@ def training_step(batch, run: Run, timestep: int | None = None) -> torch.Tensor:
     if obj.input_perturbation:  # the input gets extra noise; the target stays the clean noise
         model_noise = noise + obj.input_perturbation * _randn(noise, gens)
     noisy = compute_noisy_latents(latents, model_noise, timesteps, obj.alphas_cumprod)
-    if run.family.unet_in_channels == 9:  # inpainting U-Net: + mask + masked-image latents
+    if run.family.takes_inpaint_inputs:  # + mask + masked-image latents
         noisy = torch.cat([noisy, build_inpainting_channels(vae, pixels, gens, latents.shape)], 1)
     text_embeddings = _encode_text(run, batch, latents.device)
     prediction = run.unet(noisy, timesteps, text_embeddings.to(run.dtype)).sample

@@ -106,7 +106,7 @@ def _draw_sample(run, prompt: str):
         max_token_length=cfg.data.max_token_length,  # prompts encoded as captions were
         zero_terminal_snr=cfg.train.zero_terminal_snr,
     )
-    if run.family.unet_in_channels == 9:
+    if run.family.takes_inpaint_inputs:
         request.mode = "inpaint"
         request.image = Image.new("RGB", (size, size), (127, 127, 127))
         request.mask = Image.new("L", (size, size), 255)

@@ -21,20 +21,31 @@ from sdtune.config import RunConfig
 from sdtune.data.buckets import BucketBatchSampler, assign_sample_buckets
 from sdtune.data.cache import pixel_digest
 from sdtune.data.captions import CaptionAugment, warn_long_captions
-from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset
+from sdtune.data.dataset import EpochShuffleSampler, ImageCaptionDataset, collate_sizes
 from sdtune.data.dreambooth import PriorPreservationDataset, collate_pairs
 from sdtune.data.multi import augments_per_sample, items_per_epoch, repeats_per_sample
 from sdtune.data.prompts import tokenize_prompts
 from sdtune.data.sources import ScanReport, scan_data_config
 from sdtune.data.streaming import StreamingImageDataset, StreamLoader
 from sdtune.errors import SdtuneError
+from sdtune.models.families import FAMILIES, INPAINT_INPUTS, Family
 from sdtune.train.checkpoint import CHECKPOINTS_DIR
 from sdtune.train.objectives import compute_zero_terminal_snr
 from sdtune.train.outputs import check_output_dir
 
-# Families the loop can feed: plain U-Nets (4 channels) and inpainting ones (9 channels: the
-# loop draws masks). Depth (5) needs depth maps and the x4 upscaler low-res images: not yet.
-TRAINABLE_FAMILIES = ("sd1", "sd2-base", "sd2-v", "sd1-inpaint", "sd2-inpaint")
+
+def _loop_can_feed(family: Family) -> bool:
+    """Whether the loop makes every U-Net input `family` takes: the latents alone, or with a
+    mask and the masked image's latents (the loop draws masks), from one text encoder and no
+    micro-conditioning. Depth maps and the upscaler's low-res images it does not make yet."""
+    return (
+        family.extra_inputs in ((), INPAINT_INPUTS)
+        and family.text_encoders == ("text_encoder",)
+        and not family.micro_conditioning
+    )
+
+
+TRAINABLE_FAMILIES = tuple(name for name, f in FAMILIES.items() if _loop_can_feed(f))
 
 
 @dataclass(frozen=True)
@@ -142,7 +153,7 @@ def trackers(log_with: str) -> list[str]:
 
 
 def load_base(cfg: RunConfig):
-    """The base pipeline and its family; only families with plain 4-channel U-Nets train."""
+    """The base pipeline and its family; only families whose inputs the loop makes train."""
     from sdtune.models.families import detect_family
     from sdtune.models.loading import load_pipeline
 
@@ -310,8 +321,9 @@ def make_collate(
     tokenizer, paired: bool = False, max_token_length: int = 75, pixel_keys: bool = False
 ):
     """Batch items: stacked pixels, the captions and their token ids (in windows of 77, see
-    sdtune.data.prompts), and the items' draw numbers; with `pixel_keys`, each image's latent
-    cache key, computed here so that loader workers do the hashing, not the training step."""
+    sdtune.data.prompts), the items' draw numbers and sizes ((batch, 2) tensors of original
+    size, crop top-left and target size); with `pixel_keys`, each image's latent cache key,
+    computed here so that loader workers do the hashing, not the training step."""
 
     def collate(items: list[dict]) -> dict:
         if paired:
@@ -321,6 +333,7 @@ def make_collate(
                 "pixel_values": torch.stack([i["pixel_values"] for i in items]),
                 "captions": [i["caption"] for i in items],
                 "draws": [i["draw"] for i in items],
+                **collate_sizes(items),
             }
         batch["input_ids"] = tokenize_prompts(tokenizer, batch["captions"], max_token_length)
         if pixel_keys:

@@ -223,3 +223,13 @@ def test_a_streamed_run_resumes_exactly(tiny_sd1_dir, tmp_path, monkeypatch):
     assert resumed.steps == whole.steps == 4
     a, b = load_file(str(resumed.adapter_path)), load_file(str(whole.adapter_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streamed_items_carry_their_original_size_and_crop(clean_dir):
+    # 40 x 32 rows, short side to 16: 20 x 16, the centre square starts (20 - 16) // 2 = 2 in.
+    loader, stream = build_dataloader([], _cfg(clean_dir), load_tokenizer(1))
+    stream.set_epoch(0)
+    batch = next(iter(loader))
+    assert batch["original_size"].tolist() == [[32, 40]] * 2
+    assert batch["crop_top_left"].tolist() == [[0, 2]] * 2
+    assert batch["target_size"].tolist() == [[16, 16]] * 2

@@ -9,6 +9,7 @@ from sdtune.models.families import (
     detect_family,
     detect_family_from_folder,
     get_family,
+    match_family,
     write_config_folder,
 )
 
@@ -24,8 +25,55 @@ EXPECTED = {
 }
 
 
+# family: (text encoders, U-Net inputs beside the latents, extra channels, micro-conditioning)
+CAPABILITIES = {
+    "sd1": (("text_encoder",), (), 0, False),
+    "sd1-inpaint": (("text_encoder",), (("mask", 1), ("masked_image_latents", 4)), 5, False),
+    "sd2-base": (("text_encoder",), (), 0, False),
+    "sd2-v": (("text_encoder",), (), 0, False),
+    "sd2-inpaint": (("text_encoder",), (("mask", 1), ("masked_image_latents", 4)), 5, False),
+    "sd2-depth": (("text_encoder",), (("depth", 1),), 1, False),
+    "sd2-upscale": (("text_encoder",), (("low_res_image", 3),), 3, False),
+}
+
+
 def test_every_family_is_covered():
-    assert set(FAMILIES) == set(EXPECTED)
+    assert set(FAMILIES) == set(EXPECTED) == set(CAPABILITIES)
+
+
+@pytest.mark.parametrize("name", sorted(CAPABILITIES))
+def test_each_family_declares_its_capabilities(tiny_pipe, name):
+    family = get_family(name)
+    encoders, extra_inputs, extra_channels, micro = CAPABILITIES[name]
+    assert family.text_encoders == encoders
+    assert family.extra_inputs == extra_inputs
+    assert family.extra_in_channels == extra_channels
+    assert family.unet_in_channels == 4 + extra_channels
+    assert family.micro_conditioning is micro
+    assert family.takes_inpaint_inputs is name.endswith("-inpaint")
+    pipe = tiny_pipe(name)  # every declared text encoder is a part of the family's pipeline
+    assert all(getattr(pipe, part, None) is not None for part in family.text_encoders)
+    assert pipe.unet.config.in_channels == family.unet_in_channels
+
+
+def test_parts_that_contradict_the_unet_inputs_are_an_error_naming_both():
+    # A depth estimator beside a plain 4-channel U-Net: the parts say depth, the U-Net does not.
+    with pytest.raises(
+        SdtuneError,
+        match=r"m: its U-Net takes 4 input channels, but family 'sd2-depth' feeds "
+        r"4 latent \+ 1 depth = 5",
+    ):
+        match_family(4, True, "epsilon", has_depth_estimator=True, source="m")
+    with pytest.raises(
+        SdtuneError, match=r"m: U-Net with 6 input channels.*\(expected 4, 5, 7 or 9\)"
+    ):
+        match_family(6, False, "epsilon", source="m")
+
+
+def test_trainable_families_are_those_whose_inputs_the_loop_makes():
+    from sdtune.train.setup import TRAINABLE_FAMILIES
+
+    assert set(TRAINABLE_FAMILIES) == {"sd1", "sd2-base", "sd2-v", "sd1-inpaint", "sd2-inpaint"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

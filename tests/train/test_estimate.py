@@ -107,6 +107,18 @@ def test_estimate_matches_what_a_real_cpu_step_allocates(overrides):
     assert step_peak == pytest.approx(peak, rel=0.1)
 
 
+def test_an_inpainting_estimate_feeds_the_mask_and_masked_image_channels():
+    # The 9-channel U-Net refuses 4-channel input, so the step must add the family's 5 extra
+    # channels; they are alive after the forward on top of what the plain step keeps.
+    cfg = tiny_config()
+    inpaint = get_family("sd1-inpaint")
+    plain = estimate_memory(cfg, build_pipeline(SD1, tiny_family_configs(SD1), empty=True))
+    meta = build_pipeline(inpaint, tiny_family_configs(inpaint), empty=True)
+    estimate = estimate_memory(cfg, meta)
+    assert meta.unet.config.in_channels == 9
+    assert estimate.activations > plain.activations
+
+
 @pytest.mark.parametrize("name", ["adamw", "adamw8bit", "sgd", "adafactor"])
 def test_optimizer_bytes_equal_the_state_the_optimizer_allocates(name):
     # One tensor big enough for 8-bit state (>= 4096 elements), one small that stays fp32.

@@ -57,6 +57,13 @@ def test_class_images_take_their_instances_bucket(folders, tmp_path):
             assert pixels.shape[0] == 4 and prior.tolist() == [False, False, True, True]
             height, width = pixels.shape[-2:]
             seen.add((width, height))
+            # Each half carries its own images' sizes: instances first, then their class images
+            # (128 x 128 squares); padded, so nothing was cropped.
+            assert batch["target_size"].tolist() == [[height, width]] * 4
+            originals = batch["original_size"].tolist()
+            assert all((w, h) in SHAPES for h, w in originals[:2])
+            assert originals[2:] == [[128, 128]] * 2
+            assert batch["crop_top_left"].tolist() == [[0, 0]] * 4
             # Padded like the instances: a square class image in a tall or wide bucket keeps
             # its whole red square in the middle and grey bars at the far ends.
             red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)
