@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_SPEC   ?= pip==26.3
 LOCK   := requirements.lock
 
-.PHONY: demo test lint env lock test-latest clean
+.PHONY: demo test lint env ui lock test-latest clean
 
 env: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ demo: env
 
 test: env
 	$(BIN)/python -m pytest
+
+# the web app on http://127.0.0.1:7860/, over the folder outputs/
+ui: env
+	$(BIN)/sdtune ui --workspace outputs
 
 lint: env
 	$(BIN)/ruff check sdtune tests scripts

@@ -31,5 +31,7 @@ def pickle_refusal(exc: BaseException) -> str | None:
     text = str(exc)
     if "weights only" not in text.lower() and "unsupported" not in text.lower():
         return None
+    if "unsupported operand" in text.lower():  # a byte that is no pickle opcode: torn, not code
+        return None
     reasons = [line.strip() for line in text.splitlines() if "unsupported" in line.lower()]
     return reasons[0][:200] if reasons else "an object other than tensors"
