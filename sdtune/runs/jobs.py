@@ -222,7 +222,8 @@ def tail_lines(path: Path, count: int = 100, max_bytes: int = 64_000) -> list[st
         size = f.tell()
         f.seek(max(0, size - max_bytes))
         data = f.read()
-    return data.decode("utf-8", errors="replace").splitlines()[-count:]
+    text = data.decode("utf-8", errors="replace").replace("\r", "\n")  # progress bars redraw
+    return [line for line in text.splitlines() if line.strip()][-count:]
 
 
 # --- stop, cancel, resume ------------------------------------------------------------------
