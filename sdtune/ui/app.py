@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 
 from fastapi import FastAPI, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from sdtune import __version__
@@ -112,7 +112,3 @@ def save_upload(ws: Workspace, data: bytes, name: str) -> str:
 
 def workspace_of(request: Request) -> Workspace:
     return request.app.state.ws
-
-
-def no_content() -> Response:
-    return Response(status_code=204)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.runs.workspace import Workspace
-from sdtune.ui.recipes import HUB_ID, PATH_KEYS
+from sdtune.ui.recipes import PATH_KEYS, is_hub_id
 
 
 def config_form() -> list[dict[str, Any]]:
@@ -25,7 +25,7 @@ def config_messages(ws: Workspace, recipe: str | None, overrides: dict[str, str]
         if (
             value
             and not Path(value).is_absolute()
-            and not (key == "model.path" and HUB_ID.match(value) and not (ws.root / value).exists())
+            and not (key == "model.path" and is_hub_id(ws, value))
         ):
             here[key] = str(ws.root / value)
     if recipe and not Path(recipe).is_absolute():

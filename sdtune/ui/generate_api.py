@@ -12,7 +12,7 @@ from sdtune.generate.schema import parse_lora
 from sdtune.runs import jobs
 from sdtune.runs.workspace import Workspace
 from sdtune.ui.app import workspace_of
-from sdtune.ui.recipes import HUB_ID
+from sdtune.ui.recipes import is_hub_id
 
 router = APIRouter(prefix="/api")
 GENERATED_DIR = "generated"
@@ -45,7 +45,7 @@ def _confined(ws: Workspace, values: dict[str, Any]) -> dict[str, Any]:
     if loras:
         values["lora"] = checked
     model = values.get("model")
-    if model and not (HUB_ID.match(str(model)) and not (ws.root / str(model)).exists()):
+    if model and not is_hub_id(ws, str(model)):
         values["model"] = ws.relative(ws.resolve(str(model), must_exist=True))
     return values
 

@@ -109,15 +109,18 @@ def recipe_argument(ws: Workspace, recipe_id: str | None) -> str | None:
     raise SdtuneError(f"no recipe {quote(recipe_id)}; pick one the recipe list shows")
 
 
+def is_hub_id(ws: Workspace, value: str) -> bool:
+    """`org/name` that names no file of the workspace: a model on the hub, not a path."""
+    return bool(HUB_ID.match(value)) and not (ws.root / value).exists()
+
+
 def check_paths(ws: Workspace, overrides: dict[str, str]) -> None:
     """Path options of a form stay inside the workspace (a hub id is not a path)."""
     if "output.dir" in overrides:
         raise SdtuneError("output.dir is chosen by the app (runs/<name>); give the run a name")
     for key in PATH_KEYS:
         value = overrides.get(key, "")
-        if not value or (
-            key == "model.path" and HUB_ID.match(value) and not (ws.root / value).exists()
-        ):
+        if not value or (key == "model.path" and is_hub_id(ws, value)):
             continue
         ws.resolve(value)
 
