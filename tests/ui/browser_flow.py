@@ -98,4 +98,20 @@ def walk_every_page(page, url: str, workspace: Path, shot: Callable[[str], None]
     page.wait_for_selector(".gal-item img", timeout=180_000)
     parameters = page.inner_text(".gal-item pre")
     assert "a red sks ring" in parameters and "Steps: 4" in parameters
+
+    # Inpaint with the mask brush: an input image, a stroke across it, one image repainted
+    page.select_option('[data-key="mode"]', "inpaint")
+    page.set_input_files("#gen-image-file", str(workspace / DATASET / name))
+    page.wait_for_selector("#gen-mask[data-ready]")
+    page.locator("#gen-mask").scroll_into_view_if_needed()
+    box = page.locator("#gen-mask").bounding_box()
+    page.mouse.move(box["x"] + 5, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] - 5, box["y"] + box["height"] / 2, steps=8)
+    page.mouse.up()
+    page.wait_for_function("window.sdtuneMaskPath && window.sdtuneMaskPath()")
+    page.click("#gen-start")
+    page.wait_for_selector(".gal-item >> nth=1", timeout=180_000)
+    newest = page.inner_text(".gal-item pre")
+    assert "Mode: inpaint" in newest and "Mask: " in newest
     shot("generate")

@@ -38,6 +38,13 @@ class Server:
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         deadline = time.monotonic() + 60
+        try:
+            return self._wait_until_up(deadline)
+        except BaseException:
+            self.kill()  # a server that never answered is not left behind
+            raise
+
+    def _wait_until_up(self, deadline: float) -> Server:
         while True:
             try:
                 urllib.request.urlopen(f"{self.url}/api/info", timeout=2).read()

@@ -392,6 +392,7 @@ $("#res-try").addEventListener("click", () => { gen.lora = results.selected; loc
 
 // ---- Generate -----------------------------------------------------------------------------
 const gen = { built: false, lora: null, maskPath: null };
+window.sdtuneMaskPath = () => gen.maskPath; // the uploaded mask, for tests and the console
 pages.generate = guarded(async () => {
   if (!gen.built) {
     gen.options = await api("GET", "/api/generate/form");
@@ -441,7 +442,14 @@ $("#gen-image-file").addEventListener("change", guarded(async (e) => {
   const path = await upload(e.target.files[0]);
   $("#gen-image-path").textContent = path;
   const base = $("#gen-mask-base");
-  base.onload = () => { const c = $("#gen-mask"); c.width = base.naturalWidth; c.height = base.naturalHeight; c.style.width = `${base.width}px`; c.style.height = `${base.height}px`; clearMask(); };
+  const mask = $("#gen-mask");
+  delete mask.dataset.ready;
+  base.onload = () => {
+    mask.width = base.naturalWidth; mask.height = base.naturalHeight; // the mask has the image's pixels
+    mask.style.width = `${base.width}px`; mask.style.height = `${base.height}px`;
+    clearMask();
+    mask.dataset.ready = path;
+  };
   base.src = fileUrl(path);
 }));
 $("#gen-depth-file").addEventListener("change", guarded(async (e) => { $("#gen-depth-path").textContent = await upload(e.target.files[0]); }));
