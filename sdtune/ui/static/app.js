@@ -449,10 +449,11 @@ $("#gen-image-file").addEventListener("change", guarded(async (e) => {
     mask.style.width = `${base.width}px`; mask.style.height = `${base.height}px`;
     clearMask();
     mask.dataset.ready = path;
+    guarded(checkGenerate)();
   };
   base.src = fileUrl(path);
 }));
-$("#gen-depth-file").addEventListener("change", guarded(async (e) => { $("#gen-depth-path").textContent = await upload(e.target.files[0]); }));
+$("#gen-depth-file").addEventListener("change", guarded(async (e) => { $("#gen-depth-path").textContent = await upload(e.target.files[0]); await checkGenerate(); }));
 function clearMask() { const c = $("#gen-mask"); const ctx = c.getContext("2d"); ctx.fillStyle = "#000"; ctx.fillRect(0, 0, c.width, c.height); gen.maskPath = null; }
 $("#gen-mask-clear").addEventListener("click", clearMask);
 (() => {
@@ -474,6 +475,7 @@ $("#gen-mask-clear").addEventListener("click", clearMask);
     drawing = false;
     const blob = await new Promise((done) => canvas.toBlob(done, "image/png"));
     gen.maskPath = await upload(new File([blob], "mask.png", { type: "image/png" }));
+    await checkGenerate();
   }));
 })();
 
