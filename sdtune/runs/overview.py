@@ -81,7 +81,7 @@ def summarize(ws: Workspace, folder: str, job: Job | None) -> RunSummary:
         elif event["event"] == "step":
             summary.step, summary.loss = event["step"], event["loss"]
         elif event["event"] == "finished":
-            summary.adapter = _in_workspace(ws, event.get("adapter"))
+            summary.adapter = ws.name_of(event.get("adapter"))
             summary.step = event["step"]
     if status == "failed":
         summary.error = (
@@ -90,18 +90,6 @@ def summarize(ws: Workspace, folder: str, job: Job | None) -> RunSummary:
             else next((e.get("error") for e in reversed(events) if e["event"] == "failed"), None)
         )
     return summary
-
-
-def _in_workspace(ws: Workspace, path: str | None) -> str | None:
-    """A path a run wrote (relative to the workspace, where jobs run, or absolute), named from
-    the workspace; None when it lies elsewhere."""
-    if not path:
-        return None
-    real = Path(path) if Path(path).is_absolute() else ws.root / path
-    try:
-        return ws.relative(real)
-    except ValueError:
-        return None
 
 
 def list_runs(ws: Workspace) -> list[RunSummary]:

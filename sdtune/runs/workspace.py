@@ -49,3 +49,14 @@ class Workspace:
         """The workspace-relative name of a path inside it (forward slashes)."""
         real = Path(os.path.realpath(path))
         return real.relative_to(self.root).as_posix() if real != self.root else "."
+
+    def name_of(self, path: str | Path | None) -> str | None:
+        """The workspace-relative name of a path a job wrote (relative paths are the job's,
+        which runs in the workspace folder), or None when it lies elsewhere."""
+        if not path:
+            return None
+        real = Path(path) if Path(path).is_absolute() else self.root / path
+        try:
+            return self.relative(real)
+        except ValueError:
+            return None

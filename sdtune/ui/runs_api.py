@@ -25,6 +25,7 @@ from sdtune.ui.app import workspace_of
 
 router = APIRouter(prefix="/api")
 POLL_S = 0.5  # how often an open events stream looks for new lines
+STATUS_S = 5.0  # how often it re-reads the run's status when nothing new was written
 HEARTBEAT_S = 15.0
 
 
@@ -155,19 +156,11 @@ def relative_event(ws: Workspace, event: dict[str, Any]) -> dict[str, Any]:
     out = dict(event)
     for key in ("grid", "adapter", "path", "checkpoint"):
         if isinstance(out.get(key), str):
-            out[key] = _relative_path(ws, out[key])
+            out[key] = ws.name_of(out[key]) or out[key]
     if isinstance(out.get("images"), list):
-        out["images"] = [_relative_path(ws, p) for p in out["images"]]
+        out["images"] = [ws.name_of(p) or p for p in out["images"]]
     out.pop("config", None)
     return out
-
-
-def _relative_path(ws: Workspace, path: str) -> str:
-    real = Path(path) if Path(path).is_absolute() else ws.root / path
-    try:
-        return ws.relative(real)
-    except ValueError:
-        return path
 
 
 def _sse(kind: str, data: Any) -> str:
@@ -184,8 +177,8 @@ async def run_events(request: Request, folder: str):
     async def stream():
         tail = EventTail(ws.root / folder)
         log_offset, status, beat = 0, None, time.monotonic()
+        job, checked = _job_of(ws, folder), 0.0
         while not await request.is_disconnected():
-            job = _job_of(ws, folder)
             sent = False
             for event in tail.read_new():
                 yield _sse("run", relative_event(ws, event))
@@ -197,11 +190,15 @@ async def run_events(request: Request, folder: str):
                 if lines:
                     yield _sse("log", lines)
                     sent = True
-            now = vars(summarize(ws, folder, job))
-            if now["status"] != status:
-                status = now["status"]
-                yield _sse("status", now)
-                sent = True
+            # the status reads every job file and the whole events file: only when something
+            # was written, or now and then (a process that died writes nothing)
+            if sent or time.monotonic() - checked > STATUS_S:
+                job, checked = _job_of(ws, folder), time.monotonic()
+                now = vars(summarize(ws, folder, job))
+                if now["status"] != status:
+                    status = now["status"]
+                    yield _sse("status", now)
+                    sent = True
             if sent:
                 beat = time.monotonic()
             elif time.monotonic() - beat > HEARTBEAT_S:
