@@ -25,13 +25,14 @@ CONFIG_FILES = {
     "unet": "unet/config.json",
     "vae": "vae/config.json",
     "text_encoder": "text_encoder/config.json",
+    "text_encoder_2": "text_encoder_2/config.json",
     "scheduler": "scheduler/scheduler_config.json",
     "low_res_scheduler": "low_res_scheduler/scheduler_config.json",
     "depth_estimator": "depth_estimator/config.json",
     "feature_extractor": "feature_extractor/preprocessor_config.json",
 }
 # A fixed order gives every part its own seed, whatever the order of model_index.json.
-_SEED_ORDER = ("unet", "vae", "text_encoder", "depth_estimator")
+_SEED_ORDER = ("unet", "vae", "text_encoder", "depth_estimator", "text_encoder_2")
 
 
 def load_family_configs(family: Family) -> dict[str, dict[str, Any]]:
@@ -63,8 +64,8 @@ def _build_part(
     name: str, library: str, class_name: str, config: dict[str, Any] | None, family: Family
 ) -> Any:
     """One pipeline part (model, scheduler, tokenizer or image processor) from its config."""
-    if name == "tokenizer":
-        return load_tokenizer(family.sd_version)
+    if name in family.tokenizers:
+        return load_tokenizer(family.tokenizer_pads[family.tokenizers.index(name)])
     if config is None:
         raise ValueError(f"no config for pipeline part '{name}' of family {family.name}")
     if library == "diffusers" and "Scheduler" in class_name:

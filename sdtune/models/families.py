@@ -1,4 +1,4 @@
-"""The Stable Diffusion 1.x/2.x model families sdtune knows, and how to tell them apart.
+"""The Stable Diffusion 1.x/2.x and SDXL model families sdtune knows, and how to tell them apart.
 
 Each family ships its full-size diffusers configs under `configs/<name>/` (as published in the
 public model repos, without the safety checker), so an architecture can be built, a single-file
@@ -22,6 +22,15 @@ from sdtune.models.tokenizer import CONFIGS_DIR, write_tokenizer_folder
 # Cross-attention widths of the real text encoders: CLIP ViT-L/14 (SD 1), OpenCLIP ViT-H (SD 2).
 SD1_CONTEXT_DIM = 768
 SD2_CONTEXT_DIM = 1024
+# SDXL: CLIP ViT-L (768) and OpenCLIP ViT-bigG (1280) hidden states side by side; the refiner
+# attends to bigG alone.
+SDXL_CONTEXT_DIM = 2048
+SDXL_REFINER_CONTEXT_DIM = 1280
+# SDXL's micro-conditioning ("time ids", Podell et al. 2023 sec. 2.2): original size, crop
+# top-left and target size, each (height, width). The refiner replaces the target size with
+# one aesthetic score, so its U-Net takes 5 ids.
+SDXL_TIME_IDS = 6
+SDXL_REFINER_TIME_IDS = 5
 LATENT_CHANNELS = 4  # what the VAE of every family here encodes an image to
 
 # The U-Net inputs a family concatenates to the noisy latents, (name, channels) in their order.
@@ -48,6 +57,12 @@ class Family:
     text_encoders: tuple[str, ...] = ("text_encoder",)  # pipeline part names, in prompt order
     extra_inputs: tuple[tuple[str, int], ...] = ()  # (name, channels) after the latents
     micro_conditioning: bool = False  # U-Net conditioned on original size, crop and target size
+    line: str = "sd1"  # the model line adapters are made for: "sd1", "sd2" or "sdxl"
+    # Padding style of each text encoder's tokenizer, in `text_encoders` order: 1 pads with
+    # <|endoftext|> (OpenAI CLIP), 2 with "!" (OpenCLIP). It changes the padded positions'
+    # embeddings, so it must be the one the encoder was trained with.
+    tokenizer_pads: tuple[int, ...] = (1,)
+    trainable: bool = True  # False: a generation-only model (the SDXL refiner)
 
     @property
     def extra_in_channels(self) -> int:
@@ -65,9 +80,23 @@ class Family:
         return self.extra_inputs == INPAINT_INPUTS
 
     @property
+    def tokenizers(self) -> tuple[str, ...]:
+        """The pipeline's tokenizer part names, one per text encoder, in the same order."""
+        return tuple(tokenizer_name(encoder) for encoder in self.text_encoders)
+
+    @property
+    def is_xl(self) -> bool:
+        return self.line == "sdxl"
+
+    @property
     def config_dir(self) -> Path:
         """The shipped folder of full-size diffusers configs (no weights, no tokenizer)."""
         return CONFIGS_DIR / self.name
+
+
+def tokenizer_name(text_encoder: str) -> str:
+    """The tokenizer part that feeds a text-encoder part: text_encoder_2 -> tokenizer_2."""
+    return text_encoder.replace("text_encoder", "tokenizer")
 
 
 def _family(name: str, description: str, pipeline: str, version: int, **kw) -> Family:
@@ -81,6 +110,27 @@ def _family(name: str, description: str, pipeline: str, version: int, **kw) -> F
         resolution=kw.get("resolution", 512),
         sd_version=version,
         extra_inputs=kw.get("extra_inputs", ()),
+        line=f"sd{version}",
+        tokenizer_pads=(version,),
+    )
+
+
+def _xl_family(name: str, description: str, pipeline: str, **kw) -> Family:
+    refiner = kw.get("refiner", False)
+    return Family(
+        name=name,
+        description=description,
+        pipeline_class=pipeline,
+        cross_attention_dim=SDXL_REFINER_CONTEXT_DIM if refiner else SDXL_CONTEXT_DIM,
+        prediction_type="epsilon",
+        resolution=1024,
+        sd_version=2 if refiner else 1,  # the first (or only) encoder's tokenizer padding
+        text_encoders=("text_encoder_2",) if refiner else ("text_encoder", "text_encoder_2"),
+        extra_inputs=kw.get("extra_inputs", ()),
+        micro_conditioning=True,
+        line="sdxl",
+        tokenizer_pads=(2,) if refiner else (1, 2),
+        trainable=not refiner,
     )
 
 
@@ -128,6 +178,19 @@ FAMILIES: dict[str, Family] = {
             prediction_type="v_prediction",
             extra_inputs=LOW_RES_INPUTS,
         ),
+        _xl_family("sdxl", "Stable Diffusion XL 1.0 base, 1024 px", "StableDiffusionXLPipeline"),
+        _xl_family(
+            "sdxl-inpaint",
+            "SDXL 1.0 inpainting (9-channel U-Net)",
+            "StableDiffusionXLInpaintPipeline",
+            extra_inputs=INPAINT_INPUTS,
+        ),
+        _xl_family(
+            "sdxl-refiner",
+            "SDXL 1.0 refiner (second stage of generation; OpenCLIP bigG only)",
+            "StableDiffusionXLImg2ImgPipeline",
+            refiner=True,
+        ),
     )
 }
 
@@ -166,16 +229,22 @@ def match_family(
     *,
     has_depth_estimator: bool = False,
     is_upscaler: bool = False,
+    xl: str | None = None,
     source: str = "model",
 ) -> Family:
-    """The family with these traits; an error if no SD 1.x/2.x family has them, or if the
-    parts say one family and the U-Net's inputs another."""
+    """The family with these traits; an error if no family has them, or if the parts say one
+    family and the U-Net's inputs another. `xl` is "base" or "refiner" for an SDXL U-Net."""
     extra = in_channels - LATENT_CHANNELS
-    if is_upscaler or extra == sum(c for _, c in LOW_RES_INPUTS):
+    inpaint = extra == sum(c for _, c in INPAINT_INPUTS)
+    if xl == "refiner":
+        family = FAMILIES["sdxl-refiner"]
+    elif xl is not None:
+        family = FAMILIES["sdxl-inpaint" if inpaint else "sdxl"]
+    elif is_upscaler or extra == sum(c for _, c in LOW_RES_INPUTS):
         family = FAMILIES["sd2-upscale"]
     elif has_depth_estimator or extra == sum(c for _, c in DEPTH_INPUTS):
         family = FAMILIES["sd2-depth"]
-    elif extra == sum(c for _, c in INPAINT_INPUTS):
+    elif inpaint:
         family = FAMILIES["sd2-inpaint" if sd2 else "sd1-inpaint"]
     elif extra == 0:
         if not sd2:
@@ -186,10 +255,35 @@ def match_family(
         counts = sorted({f.unet_in_channels for f in FAMILIES.values()})
         raise SdtuneError(
             f"{source}: U-Net with {in_channels} input channels is not a Stable Diffusion "
-            f"1.x/2.x family (expected {', '.join(map(str, counts[:-1]))} or {counts[-1]})"
+            f"1.x/2.x/XL family (expected {', '.join(map(str, counts[:-1]))} or {counts[-1]})"
         )
+    if family.is_xl and prediction_type == "v_prediction":
+        family = _with_prediction(family, prediction_type)
     check_unet_inputs(family, in_channels, source)
     return family
+
+
+def _with_prediction(family: Family, prediction_type: str) -> Family:
+    """An SDXL family whose checkpoint predicts v (community v-pred fine-tunes of SDXL)."""
+    from dataclasses import replace
+
+    return replace(family, prediction_type=prediction_type)
+
+
+def xl_kind(unet_config: dict[str, Any]) -> str | None:
+    """ "base", "refiner" or None (not SDXL), from a U-Net config alone.
+
+    SDXL U-Nets add a "text_time" embedding: the pooled text embedding and the time ids. The
+    base takes 6 ids and attends to both encoders; the refiner takes 5 ids (an aesthetic score
+    in place of the target size) and attends to OpenCLIP bigG alone, whose width is then both
+    the cross-attention width and the pooled width.
+    """
+    if unet_config.get("addition_embed_type") != "text_time":
+        return None
+    per_id = int(unet_config.get("addition_time_embed_dim") or 0)
+    total = int(unet_config.get("projection_class_embeddings_input_dim") or 0)
+    context = int(unet_config.get("cross_attention_dim") or 0)
+    return "refiner" if total - SDXL_REFINER_TIME_IDS * per_id == context else "base"
 
 
 def describe_unet_inputs(family: Family) -> str:
@@ -208,11 +302,6 @@ def check_unet_inputs(family: Family, in_channels: int, source: str = "model") -
         )
 
 
-def _check_not_sdxl(unet_config: dict[str, Any], source: str) -> None:
-    if unet_config.get("addition_embed_type") or unet_config.get("cross_attention_dim") == 2048:
-        raise SdtuneError(f"{source}: looks like SDXL, which sdtune does not support (SD 1.x/2.x)")
-
-
 def detect_family(pipe: Any) -> Family:
     """The family of a loaded diffusers pipeline, from its U-Net/scheduler configs and parts."""
     if isinstance(pipe, (str, os.PathLike)):
@@ -224,7 +313,6 @@ def detect_family(pipe: Any) -> Family:
         )
     config = dict(unet.config)
     source = type(pipe).__name__
-    _check_not_sdxl(config, source)
     components = getattr(pipe, "components", {})
     return match_family(
         int(config["in_channels"]),
@@ -233,6 +321,7 @@ def detect_family(pipe: Any) -> Family:
         has_depth_estimator=components.get("depth_estimator") is not None,
         is_upscaler=components.get("low_res_scheduler") is not None
         or config.get("num_class_embeds") is not None,
+        xl=xl_kind(config),
         source=source,
     )
 
@@ -251,7 +340,6 @@ def detect_family_from_folder(path: str | os.PathLike) -> Family:
     folder = Path(path)
     index = _read_json(folder / "model_index.json")
     unet = _read_json(folder / "unet" / "config.json")
-    _check_not_sdxl(unet, str(folder))
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if scheduler_file.exists() else {}
 
@@ -265,6 +353,7 @@ def detect_family_from_folder(path: str | os.PathLike) -> Family:
         scheduler.get("prediction_type", "epsilon"),
         has_depth_estimator=present("depth_estimator"),
         is_upscaler=present("low_res_scheduler") or unet.get("num_class_embeds") is not None,
+        xl=xl_kind(unet),
         source=str(folder),
     )
 
@@ -277,7 +366,8 @@ def write_config_folder(family: str | Family, dest: str | os.PathLike) -> Path:
     family = get_family(family)
     dest = Path(dest)
     shutil.copytree(family.config_dir, dest, dirs_exist_ok=True)
-    write_tokenizer_folder(dest / "tokenizer", family.sd_version)
+    for name, pad in zip(family.tokenizers, family.tokenizer_pads):
+        write_tokenizer_folder(dest / name, pad)
     return dest
 
 

@@ -24,6 +24,8 @@ _UNET_CHANNELS = [16, 32, 32, 64]
 _VAE_CHANNELS = [16, 32, 32, 64]
 _NORM_GROUPS = 8
 _HEAD_DIM = 8  # channels per attention head where the real config lists heads per block
+_TIME_ID_WIDTH = 8  # SDXL: width of each micro-conditioning id's sinusoidal embedding (real: 256)
+_MAX_TRANSFORMER_LAYERS = 2  # SDXL stacks 10 transformer blocks at its deepest level
 
 
 def tiny_unet_config(full: dict[str, Any], family: Family) -> dict[str, Any]:
@@ -40,11 +42,30 @@ def tiny_unet_config(full: dict[str, Any], family: Family) -> dict[str, Any]:
     cfg.update(
         block_out_channels=channels,
         attention_head_dim=heads,
-        cross_attention_dim=TINY_TEXT_WIDTH,
+        cross_attention_dim=TINY_TEXT_WIDTH * len(family.text_encoders),
         norm_num_groups=_NORM_GROUPS,
         sample_size=latent_side,
     )
+    if family.micro_conditioning:  # the pooled text (bigG's projection) + sinusoidal time ids
+        layers = cfg["transformer_layers_per_block"]
+        if isinstance(layers, list):
+            layers = [min(n, _MAX_TRANSFORMER_LAYERS) for n in layers]
+        else:
+            layers = min(int(layers), _MAX_TRANSFORMER_LAYERS)
+        full_ids = full["projection_class_embeddings_input_dim"] - _pooled_width(full, family)
+        ids = full_ids // full["addition_time_embed_dim"]
+        cfg.update(
+            transformer_layers_per_block=layers,
+            addition_time_embed_dim=_TIME_ID_WIDTH,
+            projection_class_embeddings_input_dim=ids * _TIME_ID_WIDTH + TINY_TEXT_WIDTH,
+        )
     return cfg
+
+
+def _pooled_width(full_unet: dict[str, Any], family: Family) -> int:
+    """The pooled text width of a full-size SDXL U-Net: OpenCLIP bigG's projection (1280)."""
+    del full_unet, family
+    return 1280
 
 
 def tiny_vae_config(full: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +134,8 @@ def tiny_family_configs(family: str | Family) -> dict[str, dict[str, Any]]:
     configs = load_family_configs(family)
     configs["unet"] = tiny_unet_config(configs["unet"], family)
     configs["vae"] = tiny_vae_config(configs["vae"])
-    configs["text_encoder"] = tiny_text_encoder_config(configs["text_encoder"])
+    for name in family.text_encoders:
+        configs[name] = tiny_text_encoder_config(configs[name])
     index = configs["model_index"]
     if "depth_estimator" in configs:
         configs["depth_estimator"], configs["feature_extractor"] = tiny_depth_configs()

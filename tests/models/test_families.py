@@ -22,6 +22,9 @@ EXPECTED = {
     "sd2-inpaint": (9, 1024, "epsilon", 64),
     "sd2-depth": (5, 1024, "epsilon", 64),
     "sd2-upscale": (7, 1024, "v_prediction", 128),
+    "sdxl": (4, 2048, "epsilon", 128),
+    "sdxl-inpaint": (9, 2048, "epsilon", 128),
+    "sdxl-refiner": (4, 1280, "epsilon", 128),
 }
 
 
@@ -34,6 +37,14 @@ CAPABILITIES = {
     "sd2-inpaint": (("text_encoder",), (("mask", 1), ("masked_image_latents", 4)), 5, False),
     "sd2-depth": (("text_encoder",), (("depth", 1),), 1, False),
     "sd2-upscale": (("text_encoder",), (("low_res_image", 3),), 3, False),
+    "sdxl": (("text_encoder", "text_encoder_2"), (), 0, True),
+    "sdxl-inpaint": (
+        ("text_encoder", "text_encoder_2"),
+        (("mask", 1), ("masked_image_latents", 4)),
+        5,
+        True,
+    ),
+    "sdxl-refiner": (("text_encoder_2",), (), 0, True),
 }
 
 
@@ -89,7 +100,7 @@ def test_shipped_configs_load_and_match_the_family(name):
     assert unet["cross_attention_dim"] == family.cross_attention_dim == context_dim
     assert scheduler["prediction_type"] == family.prediction_type == prediction
     assert unet["sample_size"] == sample_size
-    assert unet["use_linear_projection"] is (family.sd_version == 2)
+    assert unet["use_linear_projection"] is (family.line in ("sd2", "sdxl"))
     downsamplings = len(vae["block_out_channels"]) - 1
     assert downsamplings == (2 if name == "sd2-upscale" else 3)
     assert detect_family_from_folder(family.config_dir) is family
@@ -109,7 +120,7 @@ def test_upscaler_and_depth_configs_have_their_extras():
 
 
 def test_unknown_family_names_the_valid_ones_and_a_close_match():
-    with pytest.raises(SdtuneError, match=r"unknown model family 'sd15' \(did you mean 'sd1'\?\)"):
+    with pytest.raises(SdtuneError, match=r"unknown model family 'sd15' \(did you mean 'sd1'"):
         get_family("sd15")
     with pytest.raises(SdtuneError, match="sd2-base.*sd2-v.*valid families: sd1, sd1-inpaint"):
         get_family("sd2")
@@ -122,7 +133,9 @@ def test_detect_family_of_tiny_pipelines(tiny_pipe, name):
     assert type(pipe).__name__ == get_family(name).pipeline_class
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2-v", "sd2-depth", "sd2-upscale"])
+@pytest.mark.parametrize(
+    "name", ["sd1", "sd2-v", "sd2-depth", "sd2-upscale", "sdxl", "sdxl-refiner"]
+)
 def test_detect_family_from_saved_tiny_folder(tiny_pipe, tmp_path, name):
     tiny_pipe(name).save_pretrained(tmp_path)
     assert detect_family_from_folder(tmp_path).name == name
@@ -148,3 +161,27 @@ def test_full_size_sd1_architecture_on_meta_device():
     assert params == 859_520_964  # the published SD 1.5 U-Net size
     assert next(pipe.unet.parameters()).device.type == "meta"
     assert pipe.safety_checker is None
+
+
+def test_sdxl_full_size_parts_have_the_published_parameter_counts():
+    """U-Net 2,567 M, CLIP ViT-L 123 M, OpenCLIP bigG 695 M, VAE 83.7 M (Podell et al. 2023)."""
+    pipe = build_pipeline_from_config("sdxl", empty=True)
+    counts = {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters())
+        for name in ("unet", "text_encoder", "text_encoder_2", "vae")
+    }
+    assert round(counts["unet"] / 1e6) == 2567
+    assert round(counts["text_encoder"] / 1e6) == 123
+    assert round(counts["text_encoder_2"] / 1e6) == 695
+    assert round(counts["vae"] / 1e5) == 837
+    assert pipe.tokenizer.pad_token == "<|endoftext|>" and pipe.tokenizer_2.pad_token == "!"
+
+
+def test_sdxl_base_and_refiner_are_told_apart_from_the_unet_config_alone():
+    from sdtune.models.families import xl_kind
+
+    configs = {
+        n: json.loads((get_family(n).config_dir / "unet/config.json").read_text())
+        for n in ("sdxl", "sdxl-inpaint", "sdxl-refiner", "sd1")
+    }
+    assert [xl_kind(c) for c in configs.values()] == ["base", "base", "refiner", None]
