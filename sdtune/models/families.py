@@ -366,7 +366,7 @@ def write_config_folder(family: str | Family, dest: str | os.PathLike) -> Path:
     family = get_family(family)
     dest = Path(dest)
     shutil.copytree(family.config_dir, dest, dirs_exist_ok=True)
-    for name, pad in zip(family.tokenizers, family.tokenizer_pads):
+    for name, pad in zip(family.tokenizers, family.tokenizer_pads, strict=True):
         write_tokenizer_folder(dest / name, pad)
     return dest
 
