@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny SD 1 model saved as a diffusers folder, and a small captioned image set.
+"""Shared fixtures: tiny pipelines of every family (built once per session, read-only), a tiny
+SD 1 model saved as a diffusers folder, and a small captioned image set.
 
 Everything is built in-process from config; no test touches the network.
 """
@@ -47,3 +48,20 @@ def star_images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stars")
     write_shape_dataset(folder, shape="star", count=8, size=64, trigger="sks", seed=0)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """`tiny_pipe(family)`: the seed-0 tiny pipeline of `family`; do not mutate it."""
+    from sdtune.models.tiny import build_tiny_pipeline
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            pipe = build_tiny_pipeline(family, seed=0)
+            pipe.set_progress_bar_config(disable=True)
+            cache[family] = pipe
+        return cache[family]
+
+    return get

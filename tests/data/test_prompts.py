@@ -142,3 +142,46 @@ def test_training_with_windows_and_generating_as_trained(tiny_sd1_dir, tmp_path,
             build_generation_job({**values, "lora": [str(tmp_path / "run")]})
         )
     assert paths and "windows up to 150 tokens" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner", "sd1"])
+def test_conditioning_equals_what_the_diffusers_pipeline_computes(tiny_pipe, family):
+    """Both SDXL encoders' penultimate states side by side and bigG's pooled projection; SD's
+    one encoder's last states: exactly diffusers' own `encode_prompt`."""
+    from sdtune.data.prompts import encode_prompt_conditioning
+
+    pipe = tiny_pipe(family)
+    ours, negative = encode_prompt_conditioning(pipe, ["a red ring"], ["blurry"], 75)
+    theirs = pipe.encode_prompt(
+        "a red ring",
+        device="cpu",
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+        negative_prompt="blurry",
+    )
+    assert torch.equal(ours.embeds, theirs[0]) and torch.equal(negative.embeds, theirs[1])
+    if family.startswith("sdxl"):
+        assert torch.equal(ours.pooled, theirs[2]) and torch.equal(negative.pooled, theirs[3])
+    else:
+        assert ours.pooled is None
+
+
+def test_sdxl_long_prompts_keep_the_first_windows_pooled_embedding(tiny_pipe):
+    from sdtune.data.prompts import encode_prompt_conditioning
+
+    pipe = tiny_pipe("sdxl")
+    short, _ = encode_prompt_conditioning(pipe, ["a red ring"], [""], 75)
+    long, _ = encode_prompt_conditioning(pipe, ["a red ring"], [""], 150)
+    assert long.embeds.shape == (1, 154, 64)
+    # the same numbers, computed in a batch of two windows instead of one
+    torch.testing.assert_close(long.embeds[:, :77], short.embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(long.pooled, short.pooled, rtol=0, atol=1e-5)
+
+
+def test_time_ids_are_original_size_crop_and_target_size_in_that_order():
+    from sdtune.data.prompts import compute_time_ids
+
+    ids = compute_time_ids(
+        torch.tensor([[768, 1024]]), torch.tensor([[0, 64]]), torch.tensor([[1024, 1024]])
+    )
+    assert ids.tolist() == [[768.0, 1024.0, 0.0, 64.0, 1024.0, 1024.0]]
