@@ -328,7 +328,7 @@ def count_step_flops(args) -> None:
         pipe.to(dtype=dtype)
         add_lora_adapters(pipe, cfg)
         if checkpointing:
-            enable_gradient_checkpointing(pipe, False)
+            enable_gradient_checkpointing(pipe, [])
         for p in pipe.unet.parameters():
             p.data = p.data.to(dtype)
         parts = count_parts(pipe, cfg, dtype)

@@ -168,13 +168,26 @@ class LoraConfig:
         "attn",
         "U-Net modules: a preset (attn, cross-attn, attn-ff, locon), re:<regex>, or names a,b,c",
     )
-    train_text_encoder: bool = option(False, "also train a LoRA on the text encoder")
+    train_text_encoder: bool = option(
+        False, "also train a LoRA on the text encoder (SDXL: the first, CLIP ViT-L)"
+    )
     text_encoder_targets: str = option(
         "attn", "text-encoder modules: a preset (attn, attn-mlp), re:<regex>, or names a,b,c"
     )
     text_encoder_rank: int | None = option(None, "rank of the text-encoder LoRA; defaults to rank")
     text_encoder_alpha: float | None = option(
         None, "alpha of the text-encoder LoRA; defaults to alpha", valid="(0, inf)"
+    )
+    train_text_encoder_2: bool = option(
+        False, "SDXL: also train a LoRA on the second text encoder (OpenCLIP ViT-bigG)"
+    )
+    text_encoder_2_rank: int | None = option(
+        None, "rank of the second text encoder's LoRA; defaults to text_encoder_rank"
+    )
+    text_encoder_2_alpha: float | None = option(
+        None,
+        "alpha of the second text encoder's LoRA; defaults to text_encoder_alpha",
+        valid="(0, inf)",
     )
     use_dora: bool = option(False, "weight-decomposed LoRA (DoRA, Liu et al. 2024)")
     init: str = option(
@@ -190,6 +203,12 @@ class TrainConfig:
     learning_rate: float = option(1e-4, "learning rate of the U-Net LoRA", valid="(0, inf)")
     text_encoder_learning_rate: float | None = option(
         None, "learning rate of the text-encoder LoRA; defaults to learning_rate", valid="(0, inf)"
+    )
+    text_encoder_2_learning_rate: float | None = option(
+        None,
+        "SDXL: learning rate of the second text encoder's LoRA; defaults to "
+        "text_encoder_learning_rate",
+        valid="(0, inf)",
     )
     optimizer: str = option(
         "adamw",

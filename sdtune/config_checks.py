@@ -151,6 +151,11 @@ def _value_rules(cfg: RunConfig) -> list[tuple[bool, str, str]]:
             "lora.text_encoder_rank",
             "must be at least 1",
         ),
+        (
+            cfg.lora.text_encoder_2_rank is None or cfg.lora.text_encoder_2_rank >= 1,
+            "lora.text_encoder_2_rank",
+            "must be at least 1",
+        ),
         (cfg.train.max_steps >= 1, "train.max_steps", "must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1"),
         (
@@ -201,7 +206,7 @@ def _check_unet(cfg: RunConfig) -> None:
 def _check_text_encoder(cfg: RunConfig) -> None:
     from sdtune.adapters.lora import resolve_text_encoder_targets
 
-    if cfg.lora.train_text_encoder:
+    if cfg.lora.train_text_encoder or cfg.lora.train_text_encoder_2:
         resolve_text_encoder_targets(cfg.lora.text_encoder_targets)
 
 

@@ -22,7 +22,14 @@ def test_recipe_loads_strictly_with_the_overrides_of_its_first_line(recipe):
 
 def test_the_recipes_folder_holds_the_family_recipes():
     names = {p.stem for p in RECIPES}
-    assert {"sd15-lora", "sd2-768v-lora", "dreambooth-lora", "inpainting-lora"} <= names
+    assert {
+        "sd15-lora",
+        "sd2-768v-lora",
+        "dreambooth-lora",
+        "inpainting-lora",
+        "sdxl-lora",
+        "sdxl-dreambooth-lora",
+    } <= names
 
 
 # The family each recipe's base model belongs to, for a tiny model in its place.
@@ -30,6 +37,7 @@ FAMILY_OF_BASE = {
     "runwayml/stable-diffusion-v1-5": "sd1",
     "runwayml/stable-diffusion-inpainting": "sd1-inpaint",
     "stabilityai/stable-diffusion-2": "sd2-v",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
 }
 # Only what makes the run short: size, steps, counts. Precision, targets, ranks, schedules,
 # text-encoder training, checkpoints and samples stay as the recipe sets them.

@@ -116,6 +116,7 @@ class LatentCache:
         self.misses += len(missing)
         if missing:
             posterior = self.vae.encode(pixels[missing]).latent_dist
+            check_latents_finite(posterior.mean, self.vae)  # a NaN entry would be read forever
             for row, i in enumerate(missing):
                 write_entry(paths[i], {"mean": posterior.mean[row], "std": posterior.std[row]})
                 found[i] = (posterior.mean[row], posterior.std[row])
@@ -124,3 +125,23 @@ class LatentCache:
                 found[i] = found[paths.index(path)]
         # safetensors stores the exact bytes: a warm run reads what a cold run used.
         return torch.stack([m for m, _ in found]), torch.stack([s for _, s in found])
+
+
+def check_latents_finite(latents: torch.Tensor, vae) -> None:
+    """Stop when the VAE encoded an image to NaN or infinite latents, instead of training on them.
+
+    The usual cause is a VAE run in fp16 whose activations overflow (SDXL's does; its config
+    says `force_upcast`, and sdtune keeps it in fp32 then).
+    """
+    bad = ~torch.isfinite(latents).flatten(1).all(dim=1)
+    if not bool(bad.any()):
+        return
+    from sdtune.errors import SdtuneError
+
+    dtype = str(next(vae.parameters()).dtype).removeprefix("torch.")
+    raise SdtuneError(
+        f"the VAE ({dtype}) encoded {int(bad.sum())} of {len(latents)} images of this batch to "
+        "NaN or infinite latents, so nothing was trained on them; a VAE that overflows in "
+        "float16 must run in float32 or bf16: use train.mixed_precision=bf16 (or no), or a "
+        "model whose VAE is made for fp16"
+    )

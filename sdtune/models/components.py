@@ -48,6 +48,14 @@ class Components:
         """Every model part: the U-Net, the VAE and the text encoders."""
         return [self.unet, self.vae, *self.text_encoders]
 
+    @property
+    def tokenizer_map(self) -> dict[str, Any]:
+        """Batch key ("input_ids", "input_ids_2") -> tokenizer, as the training collate takes."""
+        return {
+            ids_key(name): tokenizer
+            for name, tokenizer in zip(self.family.tokenizers, self.tokenizers, strict=True)
+        }
+
     def tokenize(
         self, prompts: Sequence[str], max_token_length: int = 75
     ) -> dict[str, torch.Tensor]:

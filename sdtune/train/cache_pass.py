@@ -19,8 +19,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from sdtune.data.cache import LatentCache, default_cache_dir
-from sdtune.data.prompts import tokenize_prompts
 from sdtune.data.text_cache import TextEmbeddingCache
+from sdtune.models.components import Components
+from sdtune.train.parts import trains_text
 
 logger = logging.getLogger("sdtune.train")
 
@@ -42,15 +43,24 @@ def open_caches(run) -> None:
         run.latent_cache = LatentCache(folder, pipe.vae, run.dtype)
     if not cfg.data.cache_text_embeddings:
         return
-    if cfg.lora.train_text_encoder:
+    if trains_text(cfg):
+        key = "train_text_encoder" if cfg.lora.train_text_encoder else "train_text_encoder_2"
         say(
-            "text-embedding cache off: lora.train_text_encoder=true changes the text encoder's "
-            "outputs at every step, so no stored output would be right"
+            "text-embedding cache off: lora.%s=true changes the text encoder's outputs at every "
+            "step, so no stored output would be right",
+            key,
         )
         return
-    # The frozen text encoder stays on the accelerator even when every caption is cached:
-    # later caption variants, held-out items and sample images still go through it.
-    run.text_cache = TextEmbeddingCache(folder / "text", pipe.text_encoder, run.dtype)
+    # The frozen text encoders stay on the accelerator even when every caption is cached:
+    # later caption variants, held-out items and sample images still go through them.
+    parts = Components.of(pipe, run.family)
+    run.text_cache = TextEmbeddingCache(
+        folder / "text",
+        parts.text_encoders,
+        run.dtype,
+        penultimate=run.family.is_xl,
+        ids_keys=list(parts.tokenizer_map),
+    )
     augmentations = augmentations_in_use(cfg.data)
     if augmentations:
         say(
@@ -103,7 +113,7 @@ def _encode_first_epoch(run) -> None:
         _encode_batch(run, collate(group))
     bar.close()
     if run.text_cache is not None and "caption_dropout" in augmentations_in_use(run.cfg.data):
-        ids = tokenize_prompts(run.pipe.tokenizer, [""], run.cfg.data.max_token_length)
+        ids = Components.of(run.pipe, run.family).tokenize([""], run.cfg.data.max_token_length)
         run.text_cache.encode([""], ids)
     counts = [
         f"{name} {c.misses - before[name][1]} encoded, {c.hits - before[name][0]} read"
@@ -122,10 +132,10 @@ def _encode_first_epoch(run) -> None:
 def _encode_batch(run, batch: dict) -> None:
     if run.latent_cache is not None:
         vae = run.pipe.vae
-        pixels = batch["pixel_values"].to(vae.device, dtype=run.dtype)
+        pixels = batch["pixel_values"].to(vae.device, dtype=vae.dtype)
         run.latent_cache.encode(pixels, batch.get("pixel_keys"))
     if run.text_cache is not None:
-        run.text_cache.encode(batch["captions"], batch["input_ids"])
+        run.text_cache.encode(batch["captions"], batch)
 
 
 def log_cache_totals(run) -> None:

@@ -28,7 +28,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from sdtune.config import RunConfig
+from sdtune.data.prompts import Conditioning
 from sdtune.errors import SdtuneError
+from sdtune.models.components import Components
+from sdtune.models.families import SDXL_TIME_IDS
+from sdtune.train.parts import text_encoder_loras
 
 logger = logging.getLogger("sdtune.train")
 
@@ -283,20 +287,23 @@ def estimate_memory(cfg: RunConfig, pipe: Any = None, fp32_norms: bool = True) -
             )
         pipe = build_meta_pipeline(family)
     dtype = HALF_DTYPES.get(resolve_mixed_precision(cfg.train.mixed_precision), torch.float32)
+    family = detect_family(pipe)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
-    parts = [pipe.unet, pipe.vae, pipe.text_encoder]
+        if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+            pipe.vae.to(torch.float32)  # as training keeps it (SDXL's VAE overflows in fp16)
+    parts = Components.of(pipe, family).models
     weights = sum(p.numel() * p.element_size() for m in parts for p in m.parameters())
-    groups = add_lora_adapters(pipe, cfg)
+    groups = add_lora_adapters(pipe, cfg, family)
     trainable = [p for g in groups for p in g["params"]]
     lora = sum(4 * p.numel() for p in trainable)
     if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(pipe, cfg.lora.train_text_encoder)
+        enable_gradient_checkpointing(pipe, [t.part for t in text_encoder_loras(cfg, family)])
     # Under autocast the fp32 adapter computes in the half dtype; on meta (no autocast) the
     # adapter is cast instead, so its inputs are saved in the half dtype as on the GPU.
     for p in trainable:
         p.data = p.data.to(dtype)
-    extra_channels = detect_family(pipe).extra_in_channels
+    extra_channels = family.extra_in_channels
     saved, peak, grads = simulate_step(pipe, cfg, dtype, extra_channels, fp32_norms)
     return MemoryEstimate(
         weights=weights,
@@ -316,24 +323,24 @@ def simulate_step(
     """One training step on `pipe`'s device, under autocast's casts when `dtype` is a half
     type; returns (bytes alive after the forward, peak bytes of the step, bytes of the
     gradients it left), counting only what the step allocated."""
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-    with autocast_on_meta((unet, vae, text_encoder), dtype, fp32_norms):
+    with autocast_on_meta(tuple(Components.of(pipe).models), dtype, fp32_norms):
         return _simulate_step(pipe, cfg, dtype, extra_channels)
 
 
 def _simulate_step(pipe, cfg: RunConfig, dtype: torch.dtype, extra_channels: int):
     global _preexisting
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    parts = Components.of(pipe)
+    unet, vae, encoders = parts.unet, parts.vae, parts.text_encoders
     device, batch = unet.device, cfg.train.batch_size
     latent_side = cfg.data.resolution // pipe.vae_scale_factor
     _preexisting = {
-        t.untyped_storage()._cdata
-        for m in (unet, vae, text_encoder)
-        for t in [*m.parameters(), *m.buffers()]
+        t.untyped_storage()._cdata for m in parts.models for t in [*m.parameters(), *m.buffers()]
     }
-    trains_text = cfg.lora.train_text_encoder
+    trained = [t.part for t in text_encoder_loras(cfg, parts.family)]
+    trains_text = bool(trained)
     unet.train()
-    text_encoder.train(trains_text)
+    for name, encoder in zip(parts.family.text_encoders, encoders, strict=True):
+        encoder.train(name in trained)
     tracker = LiveTensorBytes()
     try:
         with fused_attention_on_meta(), tracker:
@@ -343,12 +350,12 @@ def _simulate_step(pipe, cfg: RunConfig, dtype: torch.dtype, extra_channels: int
                 std = torch.empty_like(mean)
             else:
                 side = cfg.data.resolution
-                pixels = torch.empty(batch, 3, side, side, device=device, dtype=dtype)
+                pixels = torch.empty(batch, 3, side, side, device=device, dtype=vae.dtype)
                 with torch.no_grad():
                     posterior = vae.encode(pixels).latent_dist
                 mean, std = posterior.mean, posterior.std
                 del pixels, posterior
-            latents = mean + std * torch.randn_like(mean)
+            latents = (mean + std * torch.randn_like(mean)).to(dtype)
             del mean, std
             noise = torch.randn_like(latents)
             noisy = latents + noise
@@ -359,26 +366,34 @@ def _simulate_step(pipe, cfg: RunConfig, dtype: torch.dtype, extra_channels: int
             timesteps = torch.zeros(batch, dtype=torch.long, device=device)
             tokens = TOKENS * (getattr(cfg.data, "max_token_length", 75) // 75)  # windows of 75
             if getattr(cfg.data, "cache_text_embeddings", False) and not trains_text:
-                width = text_encoder.config.hidden_size  # the embeddings, read from disk
+                width = unet.config.cross_attention_dim  # the embeddings, read from disk
                 text = torch.empty(batch, tokens, width, device=device, dtype=dtype)
+                pooled = None
+                if parts.family.is_xl:
+                    pooled_width = encoders[-1].config.projection_dim
+                    pooled = torch.empty(batch, pooled_width, device=device, dtype=dtype)
+                cond = Conditioning(text, pooled)
             else:
                 ids = torch.zeros(batch, tokens, dtype=torch.long, device=device)
-                text = torch.cat([text_encoder(w)[0] for w in ids.split(TOKENS, dim=1)], 1)
-            prediction = unet(noisy, timesteps, text.to(dtype)).sample
+                cond = parts.encode({key: ids for key in parts.tokenizer_map})
+            time_ids = None
+            if parts.family.micro_conditioning:
+                time_ids = torch.zeros(batch, SDXL_TIME_IDS, device=device, dtype=dtype)
+            prediction = unet(noisy, timesteps, **cond.to(dtype).unet_kwargs(time_ids)).sample
             loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
-            del noisy, text, prediction, latents, noise
+            del noisy, cond, prediction, latents, noise
             saved = tracker.live
             loss.backward()
             del loss
             grads = sum(
                 p.grad.untyped_storage().nbytes()
-                for m in (unet, text_encoder)
+                for m in (unet, *encoders)
                 for p in m.parameters()
                 if p.grad is not None
             )
     finally:
         _preexisting = set()
-    for m in (unet, text_encoder):
+    for m in (unet, *encoders):
         m.zero_grad(set_to_none=True)
     return saved, tracker.peak, grads
 

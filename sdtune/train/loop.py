@@ -20,10 +20,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from sdtune.config import RunConfig, config_to_dict
-from sdtune.data.cache import LatentCache
-from sdtune.data.prompts import encode_token_windows
+from sdtune.data.cache import LatentCache, check_latents_finite
+from sdtune.data.prompts import Conditioning, compute_time_ids
 from sdtune.data.text_cache import TextEmbeddingCache
 from sdtune.errors import SdtuneError, first_line
+from sdtune.models.components import Components
 from sdtune.train import checkpoint as ckpt
 from sdtune.train.cache_pass import log_cache_totals, open_caches, prebuild_caches
 from sdtune.train.checkpoint import Progress
@@ -54,6 +55,7 @@ from sdtune.train.objectives import (
 )
 from sdtune.train.optim import build_optimizer
 from sdtune.train.outputs import prepare_output_dir, remove_leftovers, write_run_id
+from sdtune.train.parts import text_encoder_loras
 from sdtune.train.prior import ensure_class_images, scan_class_images
 from sdtune.train.reporting import StepLoss, log_step, progress_bar
 from sdtune.train.resume import load_resume_point
@@ -109,7 +111,7 @@ class Run:
     family: object
     out: Path
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoders: dict[str, torch.nn.Module]  # by part name, in prompt order (SDXL: two)
     optimizer: object
     lr_scheduler: object
     loader: object
@@ -126,6 +128,16 @@ class Run:
     stopped: str | None = None  # set by run_steps when a stop request ended the run
     events: EventLog = field(default_factory=lambda: EventLog(None))
     stop: StopRequest | None = None  # asked to checkpoint and stop (STOP file, SIGTERM)
+    trained_text_encoders: tuple[str, ...] = ()  # the parts with a LoRA of their own
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The first text encoder (SD 1/2's only one)."""
+        return next(iter(self.text_encoders.values()))
+
+    @property
+    def components(self) -> Components:
+        return Components.of(self.pipe, self.family)
 
 
 def item_generators(seed: int, draws: list[int], device) -> list[torch.Generator]:
@@ -150,7 +162,7 @@ def training_step(batch, run: Run, timestep: int | None = None) -> torch.Tensor:
     `timestep` fixes the noise level of every item (validation); training draws one per item.
     """
     obj, vae = run.objective, run.pipe.vae
-    pixels = batch["pixel_values"].to(vae.device, dtype=run.dtype)
+    pixels = batch["pixel_values"].to(vae.device, dtype=vae.dtype)  # fp32 for an fp16-unsafe VAE
     gens = item_generators(run.cfg.train.seed, batch["draws"], pixels.device)
     if run.latent_cache is not None:
         mean, std = run.latent_cache.encode(pixels, batch.get("pixel_keys"))
@@ -158,6 +170,8 @@ def training_step(batch, run: Run, timestep: int | None = None) -> torch.Tensor:
         with torch.no_grad():
             posterior = vae.encode(pixels).latent_dist
         mean, std = posterior.mean, posterior.std
+        check_latents_finite(mean, vae)
+    mean, std = mean.to(run.dtype), std.to(run.dtype)
     latents = (mean + std * _randn(mean, gens)) * vae.config.scaling_factor  # a posterior sample
     noise = _randn(latents, gens)
     if obj.noise_offset:
@@ -174,8 +188,9 @@ def training_step(batch, run: Run, timestep: int | None = None) -> torch.Tensor:
     noisy = compute_noisy_latents(latents, model_noise, timesteps, obj.alphas_cumprod)
     if run.family.takes_inpaint_inputs:  # + mask + masked-image latents
         noisy = torch.cat([noisy, build_inpainting_channels(vae, pixels, gens, latents.shape)], 1)
-    text_embeddings = _encode_text(run, batch, latents.device)
-    prediction = run.unet(noisy, timesteps, text_embeddings.to(run.dtype)).sample
+    cond = _encode_text(run, batch, latents.device).to(run.dtype)
+    time_ids = _time_ids(batch, pixels) if run.family.micro_conditioning else None
+    prediction = run.unet(noisy, timesteps, **cond.unet_kwargs(time_ids)).sample
     target = compute_target(latents, noise, timesteps, obj.alphas_cumprod, obj.prediction_type)
     weights = torch.ones(len(latents), device=latents.device)
     if obj.min_snr_gamma:
@@ -189,12 +204,25 @@ def training_step(batch, run: Run, timestep: int | None = None) -> torch.Tensor:
     return compute_loss(prediction, target, weights, obj.loss_type, obj.huber_c)
 
 
-def _encode_text(run: Run, batch, device) -> torch.Tensor:
-    """The captions' text-encoder states: read from the text cache when it is on, else encoded
-    now (through the trained text-encoder LoRA when there is one)."""
+def _encode_text(run: Run, batch, device) -> Conditioning:
+    """The captions' conditioning: read from the text cache when it is on, else encoded now
+    (through the trained text-encoder LoRAs when there are any)."""
     if run.text_cache is not None:  # keyed on the loader's CPU token ids
-        return run.text_cache.encode(batch["captions"], batch["input_ids"])
-    return encode_token_windows(run.text_encoder, batch["input_ids"].to(device))
+        return run.text_cache.encode(batch["captions"], batch)
+    parts = run.components
+    ids = {key: batch[key].to(device) for key in parts.tokenizer_map}
+    return parts.encode(ids, list(run.text_encoders.values()))
+
+
+def _time_ids(batch, pixels: torch.Tensor) -> torch.Tensor:
+    """SDXL's micro-conditioning of each item: its real original size and crop (from the data
+    pipeline, buckets included); items made without sizes count as uncropped originals."""
+    if "original_size" in batch:
+        sizes = (batch["original_size"], batch["crop_top_left"], batch["target_size"])
+    else:
+        side = torch.tensor([list(pixels.shape[-2:])] * len(pixels))
+        sizes = (side, torch.zeros_like(side), side)
+    return compute_time_ids(*sizes).to(pixels.device)
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -290,6 +318,9 @@ def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) ->
     pipe.to(accelerator.device)
     if dtype != torch.float32:  # frozen base in half precision; the LoRA weights stay fp32
         pipe.to(dtype=dtype)
+        if dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+            pipe.vae.to(torch.float32)  # SDXL's VAE overflows to NaN in fp16
+            logger.info("VAE kept in float32: its config says it overflows in float16")
     class_samples = None  # drawn by the base model, before any adapter exists
     if cfg.data.class_dir:
         made = ensure_class_images(pipe, cfg, accelerator.is_main_process)
@@ -297,14 +328,16 @@ def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) ->
         class_samples = scan_class_images(cfg)
         logger.info("prior preservation: %d class images (%d drawn now)", len(class_samples), made)
     set_attention(pipe, cfg.train.attention)
-    param_groups = add_lora_adapters(pipe, cfg)
+    param_groups = add_lora_adapters(pipe, cfg, family)
+    trained_text = tuple(part.part for part in text_encoder_loras(cfg, family))
     if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(pipe, cfg.lora.train_text_encoder)
+        enable_gradient_checkpointing(pipe, list(trained_text))
+    parts = Components.of(pipe, family)
     samples, held_out = split_validation(report.samples, cfg.data.validation_split, cfg.train.seed)
     loader, sampler = build_dataloader(
         samples,
         cfg,
-        pipe.tokenizer,
+        parts.tokenizer_map,
         accelerator.process_index,
         accelerator.num_processes,
         class_samples,
@@ -314,9 +347,10 @@ def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) ->
     # Compiled after the LoRA layers exist; pipe.unet (samples, saving) stays the plain module.
     unet = torch.compile(pipe.unet) if cfg.train.compile else pipe.unet
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    text_encoder = pipe.text_encoder
-    if cfg.lora.train_text_encoder:  # a frozen module must not be wrapped for data parallelism
-        text_encoder = accelerator.prepare(text_encoder)
+    text_encoders = {}
+    for name, encoder in zip(family.text_encoders, parts.text_encoders, strict=True):
+        # A frozen module must not be wrapped for data parallelism.
+        text_encoders[name] = accelerator.prepare(encoder) if name in trained_text else encoder
     trainable = [p for group in param_groups for p in group["params"]]
     ema = AdapterEMA(trainable, cfg.train.ema_decay) if cfg.train.ema_decay else None
     run = Run(
@@ -326,7 +360,7 @@ def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) ->
         family,
         out,
         unet,
-        text_encoder,
+        text_encoders,
         optimizer,
         lr_scheduler,
         loader,
@@ -335,10 +369,11 @@ def prepare_run(cfg: RunConfig, accelerator, pipe, family, out: Path, report) ->
         build_objective(cfg, pipe.scheduler),
         dtype,
         ema,
+        trained_text_encoders=trained_text,
     )
     open_caches(run)
     if held_out:
-        run.validation = build_validation_loader(held_out, cfg, pipe.tokenizer)
+        run.validation = build_validation_loader(held_out, cfg, parts.tokenizer_map)
         logger.info("validation: %d held-out images", len(held_out))
     if accelerator.is_main_process:
         accelerator.init_trackers("sdtune")
@@ -394,7 +429,8 @@ def run_steps(run: Run) -> float:
     step_loss = StepLoss()  # the micro-batches of the optimizer step under way
     first_step = progress.step
     run.unet.train()
-    run.text_encoder.train(cfg.lora.train_text_encoder)
+    for name, encoder in run.text_encoders.items():
+        encoder.train(name in run.trained_text_encoders)
     run.sampler.set_epoch(progress.epoch)
     run.sampler.skip_next(progress.batch_in_epoch * cfg.train.batch_size)
     bar = progress_bar(run)
@@ -446,7 +482,7 @@ def _micro_step(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Loss, backward and (on the last micro-batch of an accumulation) the optimizer step."""
     acc, cfg = run.accelerator, run.cfg
     grad_norm = None
-    with acc.accumulate(run.unet, run.text_encoder):
+    with acc.accumulate(run.unet, *run.text_encoders.values()):
         loss = training_step(batch, run)
         _guard_finite(run, loss, "loss")
         acc.backward(loss)
@@ -525,5 +561,6 @@ def save_final(run: Run) -> Path:
     # accelerate's autocast wrapper, whose fp32 outputs a half-precision VAE cannot take).
     unwrap = run.accelerator.unwrap_model
     pipe.unet = unwrap(run.unet, keep_fp32_wrapper=False, keep_torch_compile=False).eval()
-    pipe.text_encoder = unwrap(run.text_encoder, keep_fp32_wrapper=False).eval()
+    for name, encoder in run.text_encoders.items():
+        setattr(pipe, name, unwrap(encoder, keep_fp32_wrapper=False).eval())
     return save_final_files(run, lambda: _samples(run, "final"))

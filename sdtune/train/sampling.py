@@ -31,7 +31,9 @@ def generation_precision(
 
     masters = [p.data for p in adapter_params]
     with ExitStack() as stack:
-        for model in (pipe.unet, pipe.text_encoder):
+        from sdtune.models.components import Components
+
+        for model in (pipe.unet, *Components.of(pipe).text_encoders):
             stack.enter_context(_without_autocast_wrapper(model))
         if dtype == torch.float16:
             stack.enter_context(vae_in_fp32(pipe.vae))

@@ -147,10 +147,16 @@ def check_weights_finite(run, step: int) -> None:
 def _write_adapter(run, folder: Path, file_name: str | None = None) -> Path:
     acc, cfg = run.accelerator, run.cfg
     unet = acc.unwrap_model(run.unet, keep_torch_compile=False)
-    text_encoder = acc.unwrap_model(run.text_encoder) if cfg.lora.train_text_encoder else None
+    trained = {
+        name: acc.unwrap_model(encoder)
+        for name, encoder in run.text_encoders.items()
+        if name in run.trained_text_encoders
+    }
     info = adapter_info(cfg, run.pipe, run.family, run.progress.step)
     kwargs = {"file_name": file_name} if file_name else {}
-    return save_adapter(folder, unet, text_encoder, info, **kwargs)
+    if "text_encoder_2" in trained:
+        kwargs["text_encoder_2"] = trained["text_encoder_2"]
+    return save_adapter(folder, unet, trained.get("text_encoder"), info, **kwargs)
 
 
 def adapter_info(cfg: RunConfig, pipe, family, step: int) -> dict:
@@ -164,6 +170,7 @@ def adapter_info(cfg: RunConfig, pipe, family, step: int) -> dict:
         "alpha": cfg.lora.alpha,
         "unet_targets": resolve_unet_targets(cfg.lora.unet_targets),
         "text_encoder": cfg.lora.train_text_encoder,
+        **({"text_encoder_2": cfg.lora.train_text_encoder_2} if family.is_xl else {}),
         "trigger": cfg.data.trigger,
         "resolution": cfg.data.resolution,
         "steps": step,

@@ -28,21 +28,20 @@ from sdtune.data.prompts import tokenize_prompts
 from sdtune.data.sources import ScanReport, scan_data_config
 from sdtune.data.streaming import StreamingImageDataset, StreamLoader
 from sdtune.errors import SdtuneError
-from sdtune.models.families import FAMILIES, INPAINT_INPUTS, Family
+from sdtune.models.components import Components
+from sdtune.models.families import FAMILIES, INPAINT_INPUTS, Family, detect_family
 from sdtune.train.checkpoint import CHECKPOINTS_DIR
 from sdtune.train.objectives import compute_zero_terminal_snr
 from sdtune.train.outputs import check_output_dir
+from sdtune.train.parts import text_encoder_loras
 
 
 def _loop_can_feed(family: Family) -> bool:
     """Whether the loop makes every U-Net input `family` takes: the latents alone, or with a
-    mask and the masked image's latents (the loop draws masks), from one text encoder and no
-    micro-conditioning. Depth maps and the upscaler's low-res images it does not make yet."""
-    return (
-        family.extra_inputs in ((), INPAINT_INPUTS)
-        and family.text_encoders == ("text_encoder",)
-        and not family.micro_conditioning
-    )
+    mask and the masked image's latents (the loop draws masks), the text conditioning of its
+    encoders and, for SDXL, the micro-conditioning from each item's sizes. Depth maps and the
+    upscaler's low-res images it does not make yet; the SDXL refiner only generates."""
+    return family.extra_inputs in ((), INPAINT_INPUTS) and family.trainable
 
 
 TRAINABLE_FAMILIES = tuple(name for name, f in FAMILIES.items() if _loop_can_feed(f))
@@ -181,16 +180,26 @@ def check_model_fits(pipe, cfg: RunConfig) -> None:
     lora = cfg.lora
     unet_targets = resolve_unet_targets(lora.unet_targets)
     check_targets_matched(pipe.unet, unet_targets, "U-Net", UNET_TARGET_PRESETS)
-    if lora.train_text_encoder:
-        te_targets = resolve_text_encoder_targets(lora.text_encoder_targets)
+    family = detect_family(pipe)
+    te_targets = resolve_text_encoder_targets(lora.text_encoder_targets)
+    for part in text_encoder_loras(cfg, family):
         check_targets_matched(
-            pipe.text_encoder, te_targets, "text-encoder", TEXT_ENCODER_TARGET_PRESETS
+            getattr(pipe, part.part),
+            te_targets,
+            _part_label(part.part),
+            TEXT_ENCODER_TARGET_PRESETS,
         )
 
 
-def add_lora_adapters(pipe, cfg: RunConfig) -> list[dict]:
-    """Freeze the base, add LoRA to the U-Net (and text encoder); return optimizer param groups."""
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+def _part_label(part: str) -> str:
+    return "text-encoder" if part == "text_encoder" else part.replace("_", " ")
+
+
+def add_lora_adapters(pipe, cfg: RunConfig, family: Family | None = None) -> list[dict]:
+    """Freeze the base, add LoRA to the U-Net (and the text encoders that train); return the
+    optimizer's param groups, one per part, each with its learning rate."""
+    family = family or detect_family(pipe)
+    for part in Components.of(pipe, family).models:
         part.requires_grad_(False)
     lora = cfg.lora
     unet_targets = resolve_unet_targets(lora.unet_targets)
@@ -201,22 +210,18 @@ def add_lora_adapters(pipe, cfg: RunConfig) -> list[dict]:
         )
     )
     groups = [{"params": _trainable(pipe.unet), "lr": cfg.train.learning_rate}]
-    if lora.train_text_encoder:
-        te_targets = resolve_text_encoder_targets(lora.text_encoder_targets)
+    te_targets = resolve_text_encoder_targets(lora.text_encoder_targets)
+    for part in text_encoder_loras(cfg, family):
+        encoder = getattr(pipe, part.part)
         check_targets_matched(
-            pipe.text_encoder, te_targets, "text-encoder", TEXT_ENCODER_TARGET_PRESETS
+            encoder, te_targets, _part_label(part.part), TEXT_ENCODER_TARGET_PRESETS
         )
-        te_config = build_lora_config(
-            lora.text_encoder_rank or lora.rank,
-            lora.text_encoder_alpha or lora.alpha,
-            lora.dropout,
-            te_targets,
-            lora.use_dora,
-            lora.init,
+        encoder.add_adapter(
+            build_lora_config(
+                part.rank, part.alpha, lora.dropout, te_targets, lora.use_dora, lora.init
+            )
         )
-        pipe.text_encoder.add_adapter(te_config)
-        te_lr = cfg.train.text_encoder_learning_rate or cfg.train.learning_rate
-        groups.append({"params": _trainable(pipe.text_encoder), "lr": te_lr})
+        groups.append({"params": _trainable(encoder), "lr": part.learning_rate})
     return groups
 
 
@@ -227,12 +232,13 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
-def enable_gradient_checkpointing(pipe, train_text_encoder: bool) -> None:
-    """Recompute activations in the backward pass instead of storing them."""
+def enable_gradient_checkpointing(pipe, text_encoders: list[str]) -> None:
+    """Recompute activations in the backward pass instead of storing them (the U-Net and the
+    text encoders that train, by part name)."""
     pipe.unet.enable_gradient_checkpointing()
-    if train_text_encoder:
+    for name in text_encoders:
         # Non-reentrant: the frozen embeddings need no grad, yet the LoRA inside must get one.
-        pipe.text_encoder.gradient_checkpointing_enable(
+        getattr(pipe, name).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
 
@@ -282,8 +288,12 @@ def build_dataloader(
         classes = dataset_of(class_samples, d.repeats, CaptionAugment())
         classes.crop = instances.crop
         dataset = PriorPreservationDataset(instances, classes)
+    first_tokenizer = next(iter(tokenizer.values())) if isinstance(tokenizer, dict) else tokenizer
     warn_long_captions(
-        [s.caption for s in samples], [s.image_path for s in samples], tokenizer, d.max_token_length
+        [s.caption for s in samples],
+        [s.image_path for s in samples],
+        first_tokenizer,
+        d.max_token_length,
     )
 
     collate = make_collate(tokenizer, bool(class_samples), d.max_token_length, d.cache_latents)
@@ -323,7 +333,11 @@ def make_collate(
     """Batch items: stacked pixels, the captions and their token ids (in windows of 77, see
     sdtune.data.prompts), the items' draw numbers and sizes ((batch, 2) tensors of original
     size, crop top-left and target size); with `pixel_keys`, each image's latent cache key,
-    computed here so that loader workers do the hashing, not the training step."""
+    computed here so that loader workers do the hashing, not the training step.
+
+    `tokenizer` is one tokenizer (its ids under "input_ids") or a dict of batch key ->
+    tokenizer (SDXL: "input_ids" and "input_ids_2"; see `Components.tokenize`)."""
+    tokenizers = tokenizer if isinstance(tokenizer, dict) else {"input_ids": tokenizer}
 
     def collate(items: list[dict]) -> dict:
         if paired:
@@ -335,7 +349,8 @@ def make_collate(
                 "draws": [i["draw"] for i in items],
                 **collate_sizes(items),
             }
-        batch["input_ids"] = tokenize_prompts(tokenizer, batch["captions"], max_token_length)
+        for key, one in tokenizers.items():
+            batch[key] = tokenize_prompts(one, batch["captions"], max_token_length)
         if pixel_keys:
             batch["pixel_keys"] = [pixel_digest(p) for p in batch["pixel_values"]]
         return batch

@@ -56,9 +56,10 @@ def compute_validation_loss(run, loader: DataLoader, step_fn) -> float:
     loss: the same encode, noise, predict, compare)."""
     from sdtune.train import checkpoint as ckpt
 
-    rng, modes = ckpt.capture_rng_state(), (run.unet.training, run.text_encoder.training)
-    run.unet.eval()
-    run.text_encoder.eval()
+    models = [run.unet, *run.text_encoders.values()]
+    rng, modes = ckpt.capture_rng_state(), [m.training for m in models]
+    for model in models:
+        model.eval()
     last = len(run.objective.alphas_cumprod) - 1
     total, count = 0.0, 0
     for batch in loader:
@@ -67,7 +68,7 @@ def compute_validation_loss(run, loader: DataLoader, step_fn) -> float:
             loss = step_fn(batch, run, timestep=round(level * last))
             total += loss.item() * len(batch["draws"])
             count += len(batch["draws"])
-    run.unet.train(modes[0])
-    run.text_encoder.train(modes[1])
+    for model, mode in zip(models, modes, strict=True):
+        model.train(mode)
     ckpt.restore_rng_state(rng)
     return total / max(count, 1)

@@ -23,7 +23,7 @@ def test_entries_are_keyed_on_caption_encoder_dtype_and_windows(tmp_path):
     captions = ["sks, a red star", "sks, a blue star", "sks, a red star", ""]
 
     def encode(cache, texts, length=75):
-        return cache.encode(texts, tokenize_prompts(tokenizer, texts, length))
+        return cache.encode(texts, tokenize_prompts(tokenizer, texts, length)).embeds
 
     cache = TextEmbeddingCache(tmp_path, encoder, torch.float32)
     cold = encode(cache, captions)
@@ -52,6 +52,31 @@ def test_entries_are_keyed_on_caption_encoder_dtype_and_windows(tmp_path):
     mended = TextEmbeddingCache(tmp_path, encoder, torch.float32)
     encode(mended, captions)
     assert mended.misses <= 1 and load_file(str(torn))["embeddings"].ndim == 2
+
+
+def test_sdxl_entries_hold_both_encoders_states_and_the_pooled_embedding(tmp_path, tiny_pipe):
+    from sdtune.data.prompts import encode_prompt_conditioning
+    from sdtune.models.components import Components
+
+    pipe = tiny_pipe("sdxl")
+    parts = Components.of(pipe)
+    captions = ["sks, a red star", ""]
+    ids = parts.tokenize(captions)
+
+    def cache():
+        return TextEmbeddingCache(
+            tmp_path, parts.text_encoders, torch.float32, True, list(parts.tokenizer_map)
+        )
+
+    cold = cache().encode(captions, ids)
+    warm = cache()
+    read = warm.encode(captions, ids)
+    assert (warm.hits, warm.misses) == (2, 0) and len(_entries(tmp_path)) == 2
+    fresh, _ = encode_prompt_conditioning(pipe, captions, captions, 75)
+    for got in (cold, read):
+        torch.testing.assert_close(got.embeds, fresh.embeds, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got.pooled, fresh.pooled, rtol=0, atol=1e-6)
+    assert read.embeds.shape == (2, 77, 64) and read.pooled.shape == (2, 32)
 
 
 def _run(model, images, out, cache, **extra):

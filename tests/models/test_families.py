@@ -84,7 +84,15 @@ def test_parts_that_contradict_the_unet_inputs_are_an_error_naming_both():
 def test_trainable_families_are_those_whose_inputs_the_loop_makes():
     from sdtune.train.setup import TRAINABLE_FAMILIES
 
-    assert set(TRAINABLE_FAMILIES) == {"sd1", "sd2-base", "sd2-v", "sd1-inpaint", "sd2-inpaint"}
+    assert set(TRAINABLE_FAMILIES) == {
+        "sd1",
+        "sd2-base",
+        "sd2-v",
+        "sd1-inpaint",
+        "sd2-inpaint",
+        "sdxl",
+        "sdxl-inpaint",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
