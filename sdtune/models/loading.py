@@ -108,9 +108,9 @@ def _resolve_family(given: Family | None, detected: Family, source: Path | str) 
     )
     if not same_shape:
         raise SdtuneError(
-            f"{source}: family '{given.name}' ({given.description}) does not fit this model, "
-            f"which looks like '{detected.name}' ({detected.description}); "
-            f"pass family='{detected.name}' or leave family unset"
+            f"{source}: family '{given.name}' does not fit this model, which looks like "
+            f"'{detected.name}'; pass family='{detected.name}' or leave family unset "
+            f"('{given.name}': {given.description}; '{detected.name}': {detected.description})"
         )
     return given
 

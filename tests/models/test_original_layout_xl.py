@@ -71,7 +71,7 @@ def offline(monkeypatch):
 def _image(pipe, family):
     from PIL import Image
 
-    kwargs = dict(prompt="a red star", num_inference_steps=2, height=64, width=64)
+    kwargs = dict(prompt="a red star", num_inference_steps=2, guidance_scale=1.0)
     kwargs.update(output_type="np", generator=torch.Generator().manual_seed(3))
     if family == "sdxl-inpaint":
         kwargs.update(image=Image.new("RGB", (64, 64), (90, 30, 200)))
@@ -100,7 +100,8 @@ def test_single_file_gives_the_folders_image_in_sdtune_and_plain_diffusers(
         assert type(loaded) is cls
         _assert_same_weights(pipe, loaded, XL_PARTS[family])
         loaded.set_progress_bar_config(disable=True)
-        np.testing.assert_array_equal(_image(loaded, family), expected)
+        # equal weights; CPU kernels may round differently for differently laid-out tensors
+        np.testing.assert_allclose(_image(loaded, family), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", list(XL_PARTS))
@@ -147,12 +148,16 @@ def test_v_prediction_sdxl_is_marked_and_reloads_as_v(tiny_pipe, tmp_path):
 
 def test_a_family_that_contradicts_the_file_names_both(tiny_pipe, tmp_path):
     xl = save_original_checkpoint(tiny_pipe("sdxl"), tmp_path / "xl.safetensors")
-    with pytest.raises(SdtuneError, match=r"family 'sd1' \(.*\) does not fit.*'sdxl'"):
+    with pytest.raises(
+        SdtuneError, match=r"family 'sd1' does not fit.*'sdxl'.*'sd1': Stable Diffusion 1"
+    ):
         load_pipeline(xl, family="sd1")
-    with pytest.raises(SdtuneError, match="family 'sdxl-refiner' .*does not fit.*'sdxl'"):
+    with pytest.raises(SdtuneError, match="family 'sdxl-refiner' does not fit.*'sdxl'"):
         load_pipeline(xl, family="sdxl-refiner")
     sd1 = save_original_checkpoint(tiny_pipe("sd1"), tmp_path / "sd1.safetensors")
-    with pytest.raises(SdtuneError, match=r"family 'sdxl' \(.*\) does not fit.*'sd1'"):
+    with pytest.raises(
+        SdtuneError, match=r"family 'sdxl' does not fit.*'sd1'.*'sdxl': Stable Diffusion XL"
+    ):
         load_pipeline(sd1, family="sdxl")
 
 
