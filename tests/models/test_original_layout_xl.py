@@ -233,3 +233,44 @@ def _assert_diffusers_reads_every_weight(pipe, state, bigg_prefix):
     for part, weights in converted.items():
         expected = {k: tuple(v.shape) for k, v in pipe.components[part].state_dict().items()}
         assert {k: tuple(v.shape) for k, v in weights.items()} == expected, part
+
+
+def _digests(module):
+    """One SHA-1 per tensor: to compare ~7 GB of weights without holding two copies."""
+    import hashlib
+
+    return {
+        key: (
+            tuple(value.shape),
+            hashlib.sha1(value.contiguous().view(torch.uint8).numpy()).hexdigest(),
+        )
+        for key, value in module.state_dict().items()
+    }
+
+
+@pytest.mark.slow
+def test_full_size_sdxl_single_file_loads_with_the_shipped_configs(request, tmp_path, offline):
+    """Full-size random SDXL -> fp16 original layout -> load offline with the shipped configs.
+
+    ~7 GB of file and up to ~15 GB of memory, so it runs only when asked for with `-m slow`.
+    """
+    import gc
+
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("full-size model; run with -m slow")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # built in fp16: half the memory of fp32
+    try:
+        pipe = build_pipeline_from_config("sdxl")
+    finally:
+        torch.set_default_dtype(default)
+    digests = {part: _digests(pipe.components[part]) for part in XL_PARTS["sdxl"]}
+    file = save_original_checkpoint(pipe, tmp_path / "sd_xl_base_1.0.safetensors")
+    del pipe
+    gc.collect()
+    info = read_checkpoint_info(file)
+    assert detect_family_from_checkpoint(CheckpointInfo(file, info.shapes)).name == "sdxl"
+    loaded = load_pipeline(file, torch_dtype=torch.float16)
+    assert type(loaded).__name__ == "StableDiffusionXLPipeline"
+    for part, expected in digests.items():
+        assert _digests(loaded.components[part]) == expected, part
