@@ -22,5 +22,5 @@ def run(args: argparse.Namespace) -> int:
     pipe, title = load_for_info(args.model, args.family)
     family = detect_family(pipe).name
     print(format_info_table(count_parameters(pipe), title=f"{title}: family {family}"))
-    print(f"modes: {', '.join(modes_of_family(family))}")
+    print(f"modes: {', '.join(modes_of_family(family)) or 'none'}")
     return 0

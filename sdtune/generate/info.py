@@ -47,18 +47,24 @@ def _human(n: int) -> str:
 
 
 def format_info_table(infos: list[ComponentInfo], title: str = "") -> str:
-    """Components with their totals, each followed by its layer types, and a grand total."""
+    """Components with their totals, each followed by its layer types, and a grand total.
+
+    The first column is as wide as its longest label (at least 40), so the numbers line up
+    even for long names such as SDXL's `text_encoder_2 (CLIPTextModelWithProjection)`.
+    """
     total = sum(c.parameters for c in infos)
+    labels = [f"{c.name} ({c.class_name})" for c in infos]
+    layers = [f"  {layer}" for c in infos for layer in c.by_layer_type]
+    width = max([40] + [len(label) + 2 for label in labels + layers])
     lines = [title] if title else []
-    lines.append(f"{'component / layer type':<40}{'parameters':>14}{'share':>9}")
-    for comp in infos:
-        label = f"{comp.name} ({comp.class_name})"
+    lines.append(f"{'component / layer type':<{width}}{'parameters':>14}{'share':>9}")
+    for comp, label in zip(infos, labels, strict=True):
         share = comp.parameters / total if total else 0
-        lines.append(f"{label:<40}{comp.parameters:>14,}{share:>9.1%}")
+        lines.append(f"{label:<{width}}{comp.parameters:>14,}{share:>9.1%}")
         for layer, count in comp.by_layer_type.items():
             part = count / comp.parameters if comp.parameters else 0
-            lines.append(f"  {layer:<38}{count:>14,}{part:>9.1%}")
-    lines.append(f"{'total':<40}{total:>14,}  ({_human(total)})")
+            lines.append(f"{'  ' + layer:<{width}}{count:>14,}{part:>9.1%}")
+    lines.append(f"{'total':<{width}}{total:>14,}  ({_human(total)})")
     return "\n".join(lines)
 
 

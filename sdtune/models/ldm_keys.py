@@ -2,7 +2,7 @@
 
 The original layout is what A1111, ComfyUI and the Stability/CompVis repos read: one state dict
 with `model.diffusion_model.*` (U-Net), `first_stage_model.*` (VAE) and `cond_stage_model.*`
-(text encoder). The U-Net and VAE maps are derived from the model's config (blocks, layers per
+(text encoder; SDXL: `conditioner.embedders.<i>.*`, one per text encoder). The U-Net and VAE maps are derived from the model's config (blocks, layers per
 block, which blocks attend), so they hold for full-size and tiny models alike.
 
 Layout notes, from the LDM sources:
@@ -14,6 +14,11 @@ Layout notes, from the LDM sources:
   mid-block attention uses 1x1 convolutions where diffusers uses linear layers.
 - SD 1's CLIP keeps Hugging Face names under `cond_stage_model.transformer.text_model.`;
   SD 2's OpenCLIP fuses q/k/v into one `in_proj` and has its own names.
+- SDXL (Stability's `sgm` repo) keeps the same U-Net and VAE names, plus `label_emb.0.{0,2}` for
+  the pooled-text + time-ids embedding; its CLIP ViT-L sits under `conditioner.embedders.0.
+  transformer.text_model.` and OpenCLIP ViT-bigG under `conditioner.embedders.1.model.`, all
+  32 blocks, with `text_projection` stored as the matrix OpenCLIP multiplies by (x @ P): the
+  transpose of Hugging Face's `text_projection.weight`. The refiner has bigG alone, as embedder 0.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+XL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+XL_REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
 
 _UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -66,6 +74,8 @@ def unet_prefix_map(config: Mapping[str, Any]) -> PrefixMap:
         ("time_embedding.linear_1.", "time_embed.0.", {}),
         ("time_embedding.linear_2.", "time_embed.2.", {}),
         ("class_embedding.", "label_emb.", {}),
+        ("add_embedding.linear_1.", "label_emb.0.0.", {}),  # SDXL: pooled text + time ids
+        ("add_embedding.linear_2.", "label_emb.0.2.", {}),
         ("conv_in.", "input_blocks.0.0.", {}),
         ("conv_norm_out.", "out.0.", {}),
         ("conv_out.", "out.2.", {}),
@@ -164,7 +174,7 @@ def rename_keys(keys: Iterable[str], prefix_map: PrefixMap, what: str) -> dict[s
                 break
         else:
             raise SdtuneError(
-                f"{what} weight '{key}' has no original-layout name (not SD 1.x/2.x?)"
+                f"{what} weight '{key}' has no original-layout name (not SD 1.x/2.x/XL?)"
             )
     return renamed
 
@@ -207,26 +217,30 @@ def _text_key(key: str) -> str:
     return key.removeprefix("text_model.")
 
 
-def clip_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict:
-    """SD 1's CLIP text encoder in original layout (`cond_stage_model.transformer.text_model.`)."""
+def clip_to_original(state_dict: Mapping[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> dict:
+    """CLIP ViT-L in original layout: Hugging Face names under `prefix` (SD 1's by default)."""
     _check_plain(state_dict, "text encoder")
     return {
-        CLIP_PREFIX + _text_key(k): v
-        for k, v in state_dict.items()
-        if not k.endswith("position_ids")
+        prefix + _text_key(k): v for k, v in state_dict.items() if not k.endswith("position_ids")
     }
 
 
-def openclip_to_original(state_dict: Mapping[str, torch.Tensor], pad_to_layers: int = 0) -> dict:
-    """SD 2's text encoder in OpenCLIP layout (`cond_stage_model.model.`), q/k/v fused.
+def openclip_to_original(
+    state_dict: Mapping[str, torch.Tensor], pad_to_layers: int = 0, prefix: str = OPENCLIP_PREFIX
+) -> dict:
+    """An OpenCLIP text encoder in its own layout under `prefix` (SD 2's by default), q/k/v fused.
 
-    diffusers keeps 23 of OpenCLIP ViT-H's 24 blocks (SD 2 reads the penultimate block's output)
-    and drops `text_projection`. With `pad_to_layers` (24 for real SD 2) the missing last block is
-    written as a copy of the final one and `text_projection` as the identity, so tools that
-    build the full OpenCLIP model find every weight; SD 2 never runs either.
+    A `CLIPTextModelWithProjection` (SDXL's bigG) keeps every block, and its projection is
+    written as OpenCLIP's `text_projection` matrix (the transpose of the linear layer's weight).
+    For SD 2, diffusers keeps 23 of OpenCLIP ViT-H's 24 blocks (SD 2 reads the penultimate
+    block's output) and drops `text_projection`. With `pad_to_layers` (24 for real SD 2) the
+    missing last block is written as a copy of the final one and `text_projection` as the
+    identity, so tools that build the full OpenCLIP model find every weight; SD 2 never runs
+    either.
     """
     _check_plain(state_dict, "text encoder")
     sd = {_text_key(k): v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    projection = sd.pop("text_projection.weight", None)
     out = {
         "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
         "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
@@ -247,11 +261,13 @@ def openclip_to_original(state_dict: Mapping[str, torch.Tensor], pad_to_layers: 
                     break
     if sd:
         raise SdtuneError(f"text encoder weight '{next(iter(sd))}' has no OpenCLIP name")
-    if pad_to_layers and layers and len(layers) < pad_to_layers:
+    if projection is not None:
+        out["text_projection"] = projection.T.contiguous()
+    elif pad_to_layers and layers and len(layers) < pad_to_layers:
         last = f"transformer.resblocks.{layers[-1]}."
         for i in range(len(layers), pad_to_layers):
             for name in [k for k in out if k.startswith(last)]:
                 out[f"transformer.resblocks.{i}." + name[len(last) :]] = out[name].clone()
         width = out["ln_final.weight"].shape[0]
         out["text_projection"] = torch.eye(width, dtype=out["ln_final.weight"].dtype)
-    return {OPENCLIP_PREFIX + k: v for k, v in out.items()}
+    return {prefix + k: v for k, v in out.items()}

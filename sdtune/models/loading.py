@@ -1,7 +1,8 @@
 """Load a base model from a local diffusers folder, a single-file checkpoint, or a hub id.
 
 Whatever the source, the result is the diffusers pipeline of the model's family (txt2img,
-inpainting, depth-to-image or x4 upscaling), without a safety checker. Single files in the
+inpainting, depth-to-image, x4 upscaling, SDXL and its inpainting and refiner), without a
+safety checker. Single files in the
 original layout are converted by diffusers with the configs sdtune ships, so nothing is fetched;
 pickled checkpoints are only read with `weights_only=True`.
 """
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from sdtune.errors import SdtuneError, first_line
+from sdtune.models import ldm_keys
 from sdtune.models.families import (
     Family,
     detect_family_from_folder,
@@ -30,10 +32,12 @@ from sdtune.models.families import (
 from sdtune.models.original_layout import (
     CHECKPOINT_SUFFIXES,
     detect_family_from_checkpoint,
+    load_original_state_dict,
     read_checkpoint_info,
 )
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+# The parts of an SD 2 depth checkpoint that load through the SD txt2img single-file loader.
 _TXT2IMG_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -93,18 +97,20 @@ def _without_safety_checker(cls: Any, components: dict[str, Any] | None) -> dict
 
 
 def _resolve_family(given: Family | None, detected: Family, source: Path | str) -> Family:
-    """The user's family if it fits the weights (same U-Net inputs and text encoder)."""
+    """The user's family if it fits the weights: the same model line (SD 1, SD 2, SDXL), text
+    encoders and U-Net inputs. Only the prediction type may differ (sd2-base vs sd2-v)."""
     if given is None:
         return detected
-    same_shape = (given.extra_inputs, given.text_encoders, given.sd_version) == (
-        detected.extra_inputs,
+    same_shape = (given.line, given.text_encoders, given.extra_inputs) == (
+        detected.line,
         detected.text_encoders,
-        detected.sd_version,
+        detected.extra_inputs,
     )
     if not same_shape:
         raise SdtuneError(
             f"{source}: family '{given.name}' does not fit this model, which looks like "
-            f"'{detected.name}'; pass family='{detected.name}' or leave family unset"
+            f"'{detected.name}'; pass family='{detected.name}' or leave family unset "
+            f"('{given.name}': {given.description}; '{detected.name}': {detected.description})"
         )
     return given
 
@@ -227,6 +233,8 @@ def _load_single_file(
             if family.name == "sd2-depth":
                 pipe = _load_depth_single_file(path, config, Path(tmp), dtype, components)
             else:
+                if _xl_encoders_look_alike(family, config, components):
+                    components["text_encoder_2"] = _load_xl_open_clip(path, config, dtype)
                 cls = _pipeline_class(family)
                 kwargs = _without_safety_checker(cls, components)
                 pipe = cls.from_single_file(
@@ -242,7 +250,40 @@ def _load_single_file(
                 "if the family is wrong, pass family=..., or config_dir=<diffusers folder> "
                 "for a non-standard architecture"
             ) from exc
+    _match_prediction_type(pipe, family)  # a v-prediction SDXL file, with SDXL's eps configs
     return pipe
+
+
+def _xl_encoders_look_alike(family: Family, config: Path, components: dict) -> bool:
+    """Whether SDXL's two text encoders have one width, as in tiny test models.
+
+    diffusers' single-file loader tells CLIP ViT-L from OpenCLIP bigG by width alone (768 vs
+    1280); with equal widths it silently gives `text_encoder_2` the ViT-L weights.
+    """
+    if family.text_encoders != ("text_encoder", "text_encoder_2"):
+        return False
+    if "text_encoder_2" in components:
+        return False
+    widths = set()
+    for part in family.text_encoders:
+        file = config / part / "config.json"
+        widths.add(json.loads(file.read_text(encoding="utf-8")).get("hidden_size"))
+    return len(widths) == 1
+
+
+def _load_xl_open_clip(path: Path, config: Path, dtype: torch.dtype | None) -> Any:
+    """SDXL's `text_encoder_2` (OpenCLIP bigG, embedder 1) from a checkpoint, with diffusers'
+    own OpenCLIP key conversion."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    prefix = ldm_keys.XL_OPENCLIP_PREFIX
+    state = {k: v for k, v in load_original_state_dict(path).items() if k.startswith(prefix)}
+    model = CLIPTextModelWithProjection(
+        CLIPTextConfig.from_pretrained(str(config / "text_encoder_2"), local_files_only=True)
+    )
+    model.load_state_dict(convert_open_clip_checkpoint(model, state, prefix=prefix))
+    return model.to(dtype).eval() if dtype is not None else model.eval()
 
 
 def _txt2img_config_folder(config: Path, dest: Path) -> Path:

@@ -1,13 +1,14 @@
 """Single-file checkpoints in the original (LDM/CompVis) layout: read safely, detect, write.
 
 This is the format A1111 and ComfyUI load (`model.diffusion_model.*`, `first_stage_model.*`,
-`cond_stage_model.*`). Reading never unpickles code: `.safetensors` is plain data and
+`cond_stage_model.*`; SDXL: `conditioner.embedders.*`). Reading never unpickles code: `.safetensors` is plain data and
 `.ckpt`/`.pt` files are opened with `torch.load(weights_only=True)`, which refuses any pickle
 that would build an arbitrary object.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -36,6 +37,15 @@ FAMILY_METADATA_KEY = "sdtune.family"
 # Official SD 2 768 files are v-prediction: "768-v-ema.ckpt" (2.0), "v2-1_768-ema-pruned" (2.1).
 _V_NAME = re.compile(r"768|v[-_]?pred", re.IGNORECASE)
 _OPENCLIP_H_LAYERS = 24  # blocks of OpenCLIP ViT-H text; diffusers keeps 23
+# SDXL checkpoints also hold two tensors text conditioning never uses: CLIP's position ids and
+# OpenCLIP's contrastive temperature, trained to its clamp ln(100). Some tools check for them.
+_XL_POSITION_IDS = ldm_keys.XL_CLIP_PREFIX + "embeddings.position_ids"
+_LOGIT_SCALE = "logit_scale"
+# The U-Net's pooled-text + time-ids embedding, only in SDXL; the x4 upscaler has `label_emb.weight`.
+_XL_LABEL_EMB = ldm_keys.UNET_PREFIX + "label_emb.0.0.weight"
+_XL_REFINER_SHAPE = (1280, 2560)  # refiner U-Net-only files: context width, pooled + 5 time ids
+# ComfyUI's mark of a v-prediction SDXL checkpoint: an (empty) tensor named "v_pred".
+V_PRED_KEY = "v_pred"
 
 
 @dataclass
@@ -150,7 +160,7 @@ def detect_family_from_checkpoint(info: CheckpointInfo) -> Family:
     shapes = info.shapes
     named = info.metadata.get(FAMILY_METADATA_KEY)
     if named in FAMILIES:
-        return FAMILIES[named]
+        return _xl_prediction(FAMILIES[named], shapes)
     conv_in = shapes.get(ldm_keys.UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         kind = (
@@ -160,6 +170,10 @@ def detect_family_from_checkpoint(info: CheckpointInfo) -> Family:
             f"{info.path}: no U-Net weights (model.diffusion_model.*): {kind}; "
             "expected a full Stable Diffusion checkpoint"
         )
+    xl = _xl_kind_of_checkpoint(shapes)
+    if xl is not None:
+        family = match_family(conv_in[1], False, "epsilon", xl=xl, source=str(info.path))
+        return _xl_prediction(family, shapes)
     sd2 = _is_sd2_checkpoint(shapes)
     upscaler = ldm_keys.UNET_PREFIX + "label_emb.weight" in shapes
     family = match_family(conv_in[1], sd2, "epsilon", is_upscaler=upscaler, source=str(info.path))
@@ -177,12 +191,64 @@ def detect_family_from_checkpoint(info: CheckpointInfo) -> Family:
     return FAMILIES["sd2-v"] if v_pred else family
 
 
+def _xl_kind_of_checkpoint(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """ "base", "refiner" or None (not SDXL), from the keys of an original-layout file.
+
+    The text encoders' places decide (bigG is embedder 1 in the base, 0 in the refiner); a
+    file with the U-Net alone is a refiner only with the refiner's real widths.
+    """
+    if any(k.startswith(ldm_keys.XL_OPENCLIP_PREFIX) for k in shapes):
+        return "base"
+    if any(k.startswith(ldm_keys.XL_REFINER_OPENCLIP_PREFIX) for k in shapes):
+        return "refiner"
+    label = shapes.get(_XL_LABEL_EMB)
+    if label is None:
+        return None
+    for key, shape in shapes.items():
+        if key.startswith(ldm_keys.UNET_PREFIX) and key.endswith("attn2.to_k.weight"):
+            return "refiner" if (shape[1], label[1]) == _XL_REFINER_SHAPE else "base"
+    return "base"
+
+
+def _xl_prediction(family: Family, shapes: dict[str, tuple[int, ...]]) -> Family:
+    """A v-prediction SDXL family when the file carries the `v_pred` mark."""
+    if family.is_xl and V_PRED_KEY in shapes:
+        return match_family(
+            family.unet_in_channels,
+            False,
+            "v_prediction",
+            xl="refiner" if family.name == "sdxl-refiner" else "base",
+        )
+    return family
+
+
+def _xl_text_to_original(pipe: Any, family: Family) -> dict[str, torch.Tensor]:
+    """SDXL's text encoders under `conditioner.embedders.*`, as Stability's files have them."""
+    state = {}
+    if "text_encoder" in family.text_encoders:
+        state.update(
+            ldm_keys.clip_to_original(pipe.text_encoder.state_dict(), ldm_keys.XL_CLIP_PREFIX)
+        )
+        positions = pipe.text_encoder.config.max_position_embeddings
+        state[_XL_POSITION_IDS] = torch.arange(positions, dtype=torch.int64)[None]
+    refiner = family.text_encoders == ("text_encoder_2",)
+    prefix = ldm_keys.XL_REFINER_OPENCLIP_PREFIX if refiner else ldm_keys.XL_OPENCLIP_PREFIX
+    state.update(ldm_keys.openclip_to_original(pipe.text_encoder_2.state_dict(), prefix=prefix))
+    state[prefix + _LOGIT_SCALE] = torch.tensor(math.log(100.0))
+    if family.prediction_type == "v_prediction":
+        state[V_PRED_KEY] = torch.zeros(0)
+    return state
+
+
 def pipeline_to_original(pipe: Any) -> tuple[dict[str, torch.Tensor], Family]:
-    """The U-Net, VAE and text encoder of `pipe` as one original-layout state dict."""
+    """The U-Net, VAE and text encoder(s) of `pipe` as one original-layout state dict."""
     family = detect_family(pipe)
     state = {}
     state.update(ldm_keys.unet_to_original(pipe.unet.state_dict(), pipe.unet.config))
     state.update(ldm_keys.vae_to_original(pipe.vae.state_dict(), pipe.vae.config))
+    if family.is_xl:
+        state.update(_xl_text_to_original(pipe, family))
+        return state, family
     text = pipe.text_encoder.state_dict()
     if family.sd_version == 2:
         layers = pipe.text_encoder.config.num_hidden_layers
