@@ -15,6 +15,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core (`-n 2` on 2 cores): torch's own threads would make them fight.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def train_in_two_processes():
