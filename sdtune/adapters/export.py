@@ -138,7 +138,10 @@ def read_for_family(
         fam = get_family(family) if family else detect_family(base)
         modules = model_modules(base)
     else:
-        if family is None:  # read the header and names first; pick the model after
+        if family is None:  # the header says, or the names and widths do (read against SD 2)
+            named = named_family(_read_header(path))
+            family = named if named in FAMILIES else None
+        if family is None:
             probe = read_adapter(path, family_modules("sd2-base"))
             family = infer_family(probe.header, probe.family)
         fam = get_family(family)
@@ -165,18 +168,22 @@ def read_for_family(
     return adapter, fam, modules
 
 
-def _check_named_family(path: str | Path, family: str) -> None:
-    """Refuse a `--family` that contradicts the family the file's header names."""
+def _read_header(path: str | Path) -> dict[str, str]:
+    """The header of an adapter file; {} where it cannot be read (read_adapter then says why)."""
     from safetensors import safe_open
-
-    from sdtune.models.families import FAMILIES
 
     try:
         with safe_open(str(resolve_adapter_path(path)), framework="pt") as f:
-            header = f.metadata() or {}
+            return dict(f.metadata() or {})
     except Exception:  # noqa: BLE001 - not readable here: read_adapter names the problem
-        return
-    named = named_family(header)
+        return {}
+
+
+def _check_named_family(path: str | Path, family: str) -> None:
+    """Refuse a `--family` that contradicts the family the file's header names."""
+    from sdtune.models.families import FAMILIES
+
+    named = named_family(_read_header(path))
     if named in FAMILIES and not same_base(named, family):
         raise SdtuneError(
             f"'{path}' says it is a {named} adapter but --family is {family}; --family is only "
