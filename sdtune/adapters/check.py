@@ -105,7 +105,8 @@ def _fresh_like(base):
     configs = load_family_configs(family)
     configs["unet"] = dict(base.unet.config)
     configs["vae"] = dict(base.vae.config)
-    configs["text_encoder"] = base.text_encoder.config.to_dict()
+    for part in family.text_encoders:
+        configs[part] = getattr(base, part).config.to_dict()
     return build_pipeline(family, configs)
 
 
@@ -118,10 +119,44 @@ def _empty_family(family: str):
 
 def ldm_shapes_of(pipe) -> dict[str, torch.Size]:
     """The model's weights in the original layout, by key, as shapes (from an empty copy)."""
+    from sdtune.models.families import detect_family
     from sdtune.models.original_layout import pipeline_to_original
 
+    if detect_family(pipe).is_xl:
+        return _xl_ldm_shapes(pipe)
     state, _ = pipeline_to_original(pipe)
     return {k: v.shape for k, v in state.items()}
+
+
+XL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+
+
+def _xl_ldm_shapes(pipe) -> dict[str, torch.Size]:
+    """An SDXL model's adaptable weights as an SDXL checkpoint names them: the U-Net under
+    `model.diffusion_model.` by its original module names, CLIP ViT-L under
+    `conditioner.embedders.0.transformer.text_model.`, OpenCLIP bigG (q/k/v fused) under
+    `conditioner.embedders.1.model.`. The consumers' rules need nothing else."""
+    from sdtune.adapters.load import model_modules
+    from sdtune.models import ldm_keys
+
+    modules = model_modules(pipe)
+    shapes = {}
+    for module, shape in modules.items():
+        part, _, path = module.partition(".")
+        if part == formats.UNET:
+            shapes[f"{ldm_keys.UNET_PREFIX}{modules.original[path]}.weight"] = shape
+        elif part == formats.TEXT_ENCODER:
+            shapes[f"{XL_TEXT_PREFIXES[0]}text_model.{path}.weight"] = shape
+    if getattr(pipe, formats.TEXT_ENCODER_2, None) is not None:
+        text = {
+            k: v
+            for k, v in pipe.text_encoder_2.state_dict().items()
+            if not k.startswith("text_projection")
+        }
+        for key, value in ldm_keys.openclip_to_original(text).items():
+            key = XL_TEXT_PREFIXES[1] + key.removeprefix(ldm_keys.OPENCLIP_PREFIX)
+            shapes[key] = value.shape
+    return shapes
 
 
 @lru_cache(maxsize=4)
@@ -144,7 +179,8 @@ def diffusers_applied(path: Path, empty_pipe) -> tuple[dict[str, float], str]:
         return {}, f"refused the file: {str(exc).strip().splitlines()[0]}"
     scales = {}
     for part in formats.PARTS:
-        for name, module in getattr(pipe, part).named_modules():
+        model = getattr(pipe, part, None)
+        for name, module in model.named_modules() if model is not None else ():
             if isinstance(module, BaseTunerLayer) and _loaded_from_file(module):
                 scales[formats.strip_text_model(f"{part}.{name}")] = float(module.scaling["check"])
     found = [

@@ -1,6 +1,6 @@
 """Which keys of a LoRA file AUTOMATIC1111 and ComfyUI would apply, by their own matching rules.
 
-These are re-statements of the two UIs' public key-matching rules for SD 1/2 models, written
+These are re-statements of the two UIs' public key-matching rules for SD 1/2 and SDXL models, written
 from their sources and kept apart from sdtune's exporter (`formats.kohya_name`), so that one
 checks the other. They work on the raw keys of the file and on the model's weights in the
 original (LDM) layout, which is what both UIs load.
@@ -32,7 +32,8 @@ ComfyUI (`comfy/lora.py` `model_lora_keys_unet` / `model_lora_keys_clip`, `comfy
   (the attention-processor names of diffusers' first LoRA format);
 - text encoder: layer n's q/k/v/out projections and fc1/fc2 as
   `lora_te_text_model_encoder_layers_<n>_<name with _>`, `lora_te1_...`, and as
-  `text_encoder.text_model.encoder.layers.<n>.<name>` (diffusers files);
+  `text_encoder.text_model.encoder.layers.<n>.<name>` (diffusers files); SDXL's second encoder
+  (bigG, converted to the same names) as `lora_te2_...` and `text_encoder_2.text_model...`;
 - the tensors of a reachable name are read as `.lora_up.weight`/`.lora_down.weight`,
   `_lora.up.weight`, `.lora_B.weight`/`.lora_A.weight`, `.lora.up.weight` or
   `.lora_linear_layer.up.weight`; alpha only from `<name>.alpha` (a header alpha is not read),
@@ -120,17 +121,25 @@ def a1111_compvis_name(name: str, sd2: bool) -> str:
     if m:
         if not sd2:
             return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
-        rest = m[2].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj")
-        return f"model_transformer_resblocks_{m[1]}_{rest.replace('self_attn', 'attn')}"
+        return f"model_transformer_resblocks_{m[1]}_{_openclip_rest(m[2])}"
+    m = re.match(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", name)
+    if m:
+        return f"1_model_transformer_resblocks_{m[1]}_{_openclip_rest(m[2])}"
     return name
 
 
+def _openclip_rest(rest: str) -> str:
+    rest = rest.replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj")
+    return rest.replace("self_attn", "attn")
+
+
 def a1111_modules(ldm_shapes: Mapping[str, torch.Size]) -> dict[str, torch.Size]:
-    """A1111's `network_layer_mapping` of a loaded SD 1/2 model: module name with `_` -> shape
-    of its weight (SD 2's fused attention: of `in_proj_weight`)."""
+    """A1111's `network_layer_mapping` of a loaded SD 1/2 or SDXL model: module name with `_`
+    -> shape of its weight (OpenCLIP's fused attention: of `in_proj_weight`); SDXL's text
+    encoders by embedder index (`0_transformer_...`, `1_model_...`)."""
     modules = {}
     for key, shape in ldm_shapes.items():
-        for prefix in ("model.", "cond_stage_model."):
+        for prefix in ("model.", "cond_stage_model.", "conditioner.embedders."):
             if key.startswith(prefix) and key.endswith(("weight", "in_proj_weight")):
                 module = key[len(prefix) :].rsplit(".", 1)[0]
                 modules[module.replace(".", "_")] = shape
@@ -147,17 +156,21 @@ def a1111_applied(state: Mapping[str, torch.Tensor], ldm_shapes: Mapping[str, to
     for name, tensors in groups.items():
         target = a1111_compvis_name(name, sd2)
         found = target in mapping
-        parent = re.match(r"(.*_attn)_([qkv]_proj|out_proj)$", target) if sd2 else None
+        openclip = sd2 or target.startswith("1_model_transformer_resblocks_")
+        parent = re.match(r"(.*_attn)_([qkv]_proj|out_proj)$", target) if openclip else None
         if parent and parent[1] in mapping:
             fused.setdefault(parent[1], {})[parent[2]] = name
             found = True
         if not found and "lora_unet" in name:
             target = name.replace("lora_unet", "diffusion_model")
             found = target in mapping
+        elif not found and "lora_te1_text_model" in name:
+            target = name.replace("lora_te1_text_model", "0_transformer_text_model")
+            found = target in mapping
         if found and "lora_up.weight" in tensors and "lora_down.weight" in tensors:
             down = tensors["lora_down.weight"]
             result.scales[down] = _scale(state.get(tensors.get("alpha", "")), state[down])
-    # SD 2's text attention is one MultiheadAttention: A1111 patches its in_proj and out_proj
+    # OpenCLIP's text attention (SD 2, SDXL's bigG) is one MultiheadAttention: A1111 patches its in_proj and out_proj
     # only when q, k, v and out_proj of that layer are all in the file, else none of them.
     for parts in fused.values():
         if set(parts) != {"q_proj", "k_proj", "v_proj", "out_proj"}:
@@ -238,7 +251,8 @@ def comfyui_unet_to_diffusers(unet_keys: Iterable[str]) -> dict[str, str]:
 
 
 def comfyui_key_map(ldm_shapes: Mapping[str, torch.Size]) -> dict[str, str]:
-    """ComfyUI's LoRA key map of a loaded SD 1/2 model: file module name -> LDM weight key."""
+    """ComfyUI's LoRA key map of a loaded SD 1/2 or SDXL model: file module name -> LDM weight
+    key."""
     unet = {
         k[len("model.diffusion_model.") :]: k
         for k in ldm_shapes
@@ -257,34 +271,46 @@ def comfyui_key_map(ldm_shapes: Mapping[str, torch.Size]) -> dict[str, str]:
         processor = processor[:-2] if processor.endswith(".to_out.0") else processor
         key_map[processor] = key
         key_map["unet." + processor] = key
-    for layer, name, key in _comfyui_text_layers(ldm_shapes):
+    for second, layer, name, key in _comfyui_text_layers(ldm_shapes):
         flat = name.replace(".", "_")
+        if second:  # SDXL's clip_g
+            key_map[f"lora_te2_text_model_encoder_layers_{layer}_{flat}"] = key
+            key_map[f"text_encoder_2.text_model.encoder.layers.{layer}.{name}"] = key
+            continue
         key_map[f"lora_te_text_model_encoder_layers_{layer}_{flat}"] = key
         key_map[f"lora_te1_text_model_encoder_layers_{layer}_{flat}"] = key
         key_map[f"text_encoder.text_model.encoder.layers.{layer}.{name}"] = key
     return key_map
 
 
+_CLIP_L = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+_OPENCLIP = ("cond_stage_model.model.", "conditioner.embedders.1.model.")
+
+
 def _comfyui_text_layers(ldm_shapes: Mapping[str, torch.Size]):
-    """(layer, HF module name, LDM weight key) of the text encoder as ComfyUI names it: SD 1's
-    CLIP as it is, SD 2's OpenCLIP converted to the same names (q/k/v split from in_proj)."""
+    """(second encoder?, layer, HF module name, LDM weight key) of the text encoders as ComfyUI
+    names them: CLIP (SD 1, SDXL's first) as it is, OpenCLIP (SD 2, SDXL's bigG) converted to the
+    same names (q/k/v split from in_proj)."""
     openclip = {
         "attn.out_proj": "self_attn.out_proj",
         "mlp.c_fc": "mlp.fc1",
         "mlp.c_proj": "mlp.fc2",
     }
     for key in ldm_shapes:
-        m = re.match(
-            r"cond_stage_model\.transformer\.text_model\.encoder\.layers\.(\d+)\.(.+)\.weight$", key
-        )
-        if m and m[2] in _CLIP_LAYER_NAMES:
-            yield int(m[1]), m[2], key
-        m = re.match(r"cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.(.+)$", key)
-        if m and m[2] == "attn.in_proj_weight":
-            for p in ("q", "k", "v"):
-                yield int(m[1]), f"self_attn.{p}_proj", key
-        elif m and m[2].removesuffix(".weight") in openclip and m[2].endswith(".weight"):
-            yield int(m[1]), openclip[m[2].removesuffix(".weight")], key
+        for prefix in _CLIP_L:
+            m = re.match(
+                re.escape(prefix) + r"text_model\.encoder\.layers\.(\d+)\.(.+)\.weight$", key
+            )
+            if m and m[2] in _CLIP_LAYER_NAMES:
+                yield False, int(m[1]), m[2], key
+        for prefix in _OPENCLIP:
+            second = prefix.startswith("conditioner.")
+            m = re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.(.+)$", key)
+            if m and m[2] == "attn.in_proj_weight":
+                for p in ("q", "k", "v"):
+                    yield second, int(m[1]), f"self_attn.{p}_proj", key
+            elif m and m[2].removesuffix(".weight") in openclip and m[2].endswith(".weight"):
+                yield second, int(m[1]), openclip[m[2].removesuffix(".weight")], key
 
 
 _COMFYUI_PAIRS = (

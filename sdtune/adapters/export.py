@@ -28,21 +28,70 @@ from sdtune.adapters.io import (
 from sdtune.adapters.load import Adapter, family_modules, model_modules, read_adapter
 from sdtune.errors import SdtuneError
 
-# kohya's `ss_base_model_version` (sd-scripts: "sd" + "_v1"/"_v2" + "_v" for v-prediction).
 _LOADERS_NETWORK_MODULE = "networks.lora"
+SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"  # sd-scripts' SDXL_MODEL_VERSION_STR
+SDXL_REFINER_MODEL_VERSION = "sdxl_refiner_v1-0"
+# ModelSpec (Stability AI's header convention, written by sd-scripts too): architecture ids.
+MODELSPEC_VERSION = "1.0.0"
+_MODELSPEC_ARCH = {
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2-512",
+    "sd2-v": "stable-diffusion-v2-768-v",
+    "sdxl": "stable-diffusion-xl-v1-base",
+    "sdxl-refiner": "stable-diffusion-xl-v1-refiner",
+}
+_SGM = "https://github.com/Stability-AI/generative-models"
 
 
 def base_model_version(family) -> str:
+    """kohya's `ss_base_model_version`: "sd_v1"/"sd_v2" (+ "_v" for v-prediction), or SDXL's
+    "sdxl_base_v1-0"."""
+    if family.is_xl:  # the refiner has OpenCLIP bigG alone
+        refiner = len(family.text_encoders) == 1
+        return SDXL_REFINER_MODEL_VERSION if refiner else SDXL_BASE_MODEL_VERSION
     version = "sd_v2" if family.sd_version == 2 else "sd_v1"
     return version + ("_v" if family.prediction_type == "v_prediction" else "")
 
 
+def modelspec_architecture(family) -> str:
+    """ModelSpec's `modelspec.architecture` of a LoRA for `family` (e.g. SDXL's
+    "stable-diffusion-xl-v1-base/lora")."""
+    if family.is_xl:
+        key = "sdxl-refiner" if base_model_version(family) == SDXL_REFINER_MODEL_VERSION else "sdxl"
+    elif family.sd_version == 2:
+        key = "sd2-v" if family.prediction_type == "v_prediction" else "sd2"
+    else:
+        key = "sd1"
+    return _MODELSPEC_ARCH[key] + "/lora"
+
+
+def modelspec_metadata(family, resolution, info: dict[str, str]) -> dict[str, str]:
+    """ModelSpec's required fields of a LoRA for `family` (what sd-scripts writes beside ss_*)."""
+    v = family.prediction_type == "v_prediction"
+    trigger = info.get("trigger", "").strip('"')
+    trigger = "" if trigger == "null" else trigger
+    return {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": modelspec_architecture(family),
+        "modelspec.implementation": _SGM if family.is_xl else "diffusers",
+        "modelspec.title": f"{family.name} LoRA" + (f" ({trigger})" if trigger else ""),
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "v" if v else "epsilon",
+    }
+
+
 def named_family(header: dict[str, str]) -> str | None:
-    """The family an adapter file's header names (sdtune's key, else kohya's ss_* fields)."""
+    """The family an adapter file's header names (sdtune's key, else kohya's ss_* fields, else
+    ModelSpec's architecture)."""
     named = header.get(METADATA_PREFIX + "family")
     if named:
         return named
     version = header.get("ss_base_model_version", "")
+    arch = header.get("modelspec.architecture", "")
+    if version.startswith("sdxl_refiner") or arch.startswith(_MODELSPEC_ARCH["sdxl-refiner"]):
+        return "sdxl-refiner"
+    if version.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
+        return "sdxl"
     if version.startswith("sd_v2") or header.get("ss_v2", "").lower() == "true":
         return "sd2-v" if version.endswith("_v") else "sd2-base"
     if version.startswith("sd_v1"):
@@ -65,11 +114,11 @@ def infer_family(header: dict[str, str], adapter_family: str | None = None) -> s
         return named
     if adapter_family == "sd2":
         return "sd2-base"
-    if adapter_family == "sd1":
-        return "sd1"
+    if adapter_family in ("sd1", "sdxl", "sdxl-refiner"):
+        return adapter_family
     raise SdtuneError(
         "cannot tell the adapter's model family from its header or shapes; pass --family "
-        "(sd1, sd2-base, sd2-v, ...)"
+        "(sd1, sd2-base, sd2-v, sdxl, ...)"
     )
 
 
@@ -80,15 +129,19 @@ def read_for_family(
 
     The model is `base` (a pipeline) when given, else a full-size model of `family` (given or
     read from the file). Every module must exist in it, and an adapter whose cross-attention
-    reads another text width (768: SD 1, 1024: SD 2) is refused, naming both families.
+    reads another text width (768: SD 1, 1024: SD 2, 2048: SDXL) or whose names are of
+    another model line (SDXL's second encoder) is refused, naming both families.
     """
-    from sdtune.models.families import detect_family, get_family
+    from sdtune.models.families import FAMILIES, detect_family, get_family
 
     if base is not None:
         fam = get_family(family) if family else detect_family(base)
         modules = model_modules(base)
     else:
-        if family is None:  # kohya names decode against any SD 1/2 model; pick after
+        if family is None:  # the header says, or the names and widths do (read against SD 2)
+            named = named_family(_read_header(path))
+            family = named if named in FAMILIES else None
+        if family is None:
             probe = read_adapter(path, family_modules("sd2-base"))
             family = infer_family(probe.header, probe.family)
         fam = get_family(family)
@@ -96,6 +149,13 @@ def read_for_family(
     if base is None:
         _check_named_family(path, fam.name)
     adapter = read_adapter(path, modules)
+    guessed = adapter.family
+    line = guessed if guessed in ("sd1", "sd2") else getattr(FAMILIES.get(guessed), "line", None)
+    if line is not None and line != fam.line:
+        raise SdtuneError(
+            f"'{adapter.path}' is an {guessed} adapter (its module names and text widths) but "
+            f"the target family is {fam.name}; pass the adapter's own family"
+        )
     missing = sorted(m for m in adapter.layers if m not in modules)
     if missing:
         shown = ", ".join(missing[:3]) + (
@@ -105,27 +165,25 @@ def read_for_family(
             f"'{adapter.path}': {len(missing)} key(s) map to no module of the {fam.name} model: "
             f"{shown}"
         )
-    guessed = adapter.family
-    if guessed in ("sd1", "sd2") and (guessed == "sd2") != (fam.sd_version == 2):
-        raise SdtuneError(
-            f"'{adapter.path}' is an {guessed} adapter (cross-attention text width) but the "
-            f"target family is {fam.name}; pass the adapter's own family"
-        )
     return adapter, fam, modules
+
+
+def _read_header(path: str | Path) -> dict[str, str]:
+    """The header of an adapter file; {} where it cannot be read (read_adapter then says why)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(resolve_adapter_path(path)), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not readable here: read_adapter names the problem
+        return {}
 
 
 def _check_named_family(path: str | Path, family: str) -> None:
     """Refuse a `--family` that contradicts the family the file's header names."""
-    from safetensors import safe_open
-
     from sdtune.models.families import FAMILIES
 
-    try:
-        with safe_open(str(resolve_adapter_path(path)), framework="pt") as f:
-            header = f.metadata() or {}
-    except Exception:  # noqa: BLE001 - not readable here: read_adapter names the problem
-        return
-    named = named_family(header)
+    named = named_family(_read_header(path))
     if named in FAMILIES and not same_base(named, family):
         raise SdtuneError(
             f"'{path}' says it is a {named} adapter but --family is {family}; --family is only "
@@ -160,10 +218,11 @@ def kohya_metadata(layers: dict[str, Layer], header: dict[str, str], family) -> 
         "ss_network_dim": str(ranks.most_common(1)[0][0]),
         "ss_network_alpha": f"{alphas.most_common(1)[0][0]:g}",
         "ss_base_model_version": base_model_version(family),
-        "ss_v2": str(family.sd_version == 2),
+        "ss_v2": str(family.sd_version == 2 and not family.is_xl),
         "ss_sd_model_name": info.get("base_model", family.name),
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_training_comment": f"exported by sdtune {__version__}",
+        **modelspec_metadata(family, resolution, info),
     }
     conv = [layer for layer in layers.values() if layer.down.ndim == 4 and layer.down.shape[-1] > 1]
     if conv:
@@ -198,7 +257,7 @@ def export_kohya(
     out_path = check_writable(out_path, overwrite)
     adapter, fam, modules = read_for_family(adapter_path, family, base)
     layers = _lora_only(adapter)
-    state = formats.to_kohya_state_dict(layers)
+    state = formats.to_kohya_state_dict(layers, getattr(modules, "original", None))
     table = formats.kohya_table(modules)
     names = {key.partition(".")[0] for key in state}
     unmapped = sorted(names - table.keys())
@@ -257,11 +316,13 @@ def write_layers(
     header = {METADATA_PREFIX + k: v for k, v in (info or {}).items()}
     header[METADATA_PREFIX + "family"] = fam.name
     if layout == "kohya":
-        table = formats.kohya_table(modules or family_modules(fam.name))
-        unmapped = sorted(m for m in layers if formats.kohya_name(m) not in table)
+        modules = modules or family_modules(fam.name)
+        original = getattr(modules, "original", None)
+        table = formats.kohya_table(modules)
+        unmapped = sorted(m for m in layers if formats.kohya_name(m, original) not in table)
         if unmapped:
             raise SdtuneError(f"modules {unmapped[:3]} are not part of the {fam.name} model")
-        state = formats.to_kohya_state_dict(layers)
+        state = formats.to_kohya_state_dict(layers, original)
         return write_safetensors(out_path, state, kohya_metadata(layers, header, fam), overwrite)
     if layout != "diffusers":
         raise SdtuneError(f"unknown adapter layout '{layout}'; expected diffusers or kohya")

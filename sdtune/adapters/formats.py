@@ -2,8 +2,8 @@
 
 Every adapter sdtune reads becomes a dict `module -> Layer`, where `module` is the diffusers
 module path with its part in front (`unet.down_blocks.0...attn1.to_q`, `text_encoder.encoder.
-layers.0.self_attn.q_proj`; the text encoder's names have no `text_model.` level, as in
-transformers 5). A layer's weight change is `delta = alpha / rank * up @ down` for LoRA/LoCon;
+layers.0.self_attn.q_proj`, SDXL's second encoder `text_encoder_2.encoder...`; text encoders'
+names have no `text_model.` level, as CLIPTextModel has none in transformers 5). A layer's weight change is `delta = alpha / rank * up @ down` for LoRA/LoCon;
 LyCORIS LoHa and LoKr layers keep their factors and give their own `delta`. A Tucker layer
 (LyCORIS `use_tucker`) adds a core (`lora_mid`, `hada_t1`/`hada_t2`); a DoRA layer (Liu et al.
 2024) adds a per-output-row magnitude that rescales the adapted weight instead of adding to it.
@@ -18,6 +18,14 @@ kohya layout (what kohya sd-scripts writes for SD 1/2, and what A1111 and ComfyU
 - per module `.lora_down.weight` (rank x in, or rank x in x kh x kw for convolutions),
   `.lora_up.weight` (out x rank, or out x rank x 1 x 1) and `.alpha` (a 0-d tensor: the real
   alpha, so the scale is alpha / rank).
+kohya layout for SDXL (what sd-scripts' SDXL LoRA writes: it trains on the original SGM U-Net):
+- U-Net: `lora_unet_` + the module's ORIGINAL name with `_` (`lora_unet_input_blocks_4_1_
+  transformer_blocks_0_attn1_to_q`, `lora_unet_middle_block_0_in_layers_2`, `lora_unet_
+  output_blocks_2_2_conv`), the names `sdtune.models.ldm_keys.unet_prefix_map` derives from the
+  U-Net's config (`ModelModules.original`); the diffusers-path names that LyCORIS writes when it
+  wraps a diffusers U-Net are read too;
+- text encoders: `lora_te1_text_model_...` (CLIP ViT-L) and `lora_te2_text_model_...` (OpenCLIP
+  bigG, in its Hugging Face names), read with or without the `text_model_` level.
 Underscores make the name ambiguous to split, so kohya names are decoded by looking them up in a
 table built from the real module names of the model (`kohya_table`), never by guessing.
 """
@@ -34,11 +42,14 @@ from sdtune.errors import SdtuneError
 
 UNET = "unet"
 TEXT_ENCODER = "text_encoder"
-PARTS = (UNET, TEXT_ENCODER)
+TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's OpenCLIP bigG (the refiner's only encoder)
+TEXT_PARTS = (TEXT_ENCODER, TEXT_ENCODER_2)
+PARTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
 
 KOHYA_UNET_PREFIX = "lora_unet_"
 KOHYA_TEXT_PREFIX = "lora_te_"
 KOHYA_TEXT_ALIASES = ("lora_te_", "lora_te1_")  # SDXL-era tools write te1 for the first encoder
+KOHYA_XL_TEXT_PREFIXES = {TEXT_ENCODER: "lora_te1_", TEXT_ENCODER_2: "lora_te2_"}
 KOHYA_TEXT_MODEL = "text_model_"
 KOHYA_DOWN = ".lora_down.weight"
 KOHYA_UP = ".lora_up.weight"
@@ -123,39 +134,97 @@ class Layer:
         return main + list(self.factors.values()) + extra
 
 
+class ModelModules(dict):
+    """Canonical module name -> weight shape of a model's adaptable modules.
+
+    `original` is set for SDXL models only: the U-Net's original (SGM) module path of each
+    diffusers path (`down_blocks.1.attentions.0.proj_in` -> `input_blocks.4.1.proj_in`), the
+    names SDXL's kohya layout uses.
+    """
+
+    original: dict[str, str] | None = None
+
+
 def strip_text_model(module: str) -> str:
-    """`text_encoder.text_model.encoder...` -> `text_encoder.encoder...` (transformers 5 names)."""
-    prefix = TEXT_ENCODER + "." + _TEXT_MODEL_LEVEL
-    if module.startswith(prefix):
-        return TEXT_ENCODER + "." + module[len(prefix) :]
+    """`text_encoder.text_model.encoder...` -> `text_encoder.encoder...` (transformers 5 names);
+    the same for `text_encoder_2.`, whose CLIPTextModelWithProjection keeps the level."""
+    part, _, path = module.partition(".")
+    if part in TEXT_PARTS and path.startswith(_TEXT_MODEL_LEVEL):
+        return f"{part}.{path[len(_TEXT_MODEL_LEVEL) :]}"
     return module
 
 
-def kohya_name(module: str) -> str:
-    """The kohya name of a canonical module name (see the module docstring)."""
+def kohya_name(module: str, original: dict[str, str] | None = None) -> str:
+    """The kohya name of a canonical module name (see the module docstring).
+
+    `original` (an SDXL model's `ModelModules.original`) selects SDXL's names: the U-Net under
+    its original module names, the text encoders as `lora_te1_`/`lora_te2_`.
+    """
     part, _, path = module.partition(".")
     if part == UNET:
+        path = original.get(path, path) if original is not None else path
         return KOHYA_UNET_PREFIX + path.replace(".", "_")
-    if part == TEXT_ENCODER:
+    if part in TEXT_PARTS:
+        if original is None and part == TEXT_ENCODER_2:
+            raise SdtuneError(
+                f"module '{module}' is of a second text encoder, which only SDXL models have"
+            )
+        prefix = KOHYA_XL_TEXT_PREFIXES[part] if original is not None else KOHYA_TEXT_PREFIX
         path = path.removeprefix(_TEXT_MODEL_LEVEL)
-        return KOHYA_TEXT_PREFIX + KOHYA_TEXT_MODEL + path.replace(".", "_")
+        return prefix + KOHYA_TEXT_MODEL + path.replace(".", "_")
     raise SdtuneError(
-        f"module '{module}' belongs to no known part (expected unet. or text_encoder.)"
+        f"module '{module}' belongs to no known part (expected unet., text_encoder. or "
+        "text_encoder_2.)"
     )
 
 
 def kohya_table(modules: Iterable[str]) -> dict[str, str]:
-    """kohya name -> canonical module name, for every module of a model (and the te1 alias)."""
+    """kohya name -> canonical module name, for every module of a model, with the aliases
+    other tools write: SD `lora_te1_`, names without `text_model_`, SDXL U-Net names in
+    diffusers paths (LyCORIS on a diffusers U-Net)."""
+    original = getattr(modules, "original", None)
     table = {}
     for module in modules:
-        name = kohya_name(module)
+        name = kohya_name(module, original)
+        if original is not None and module.startswith(UNET + "."):
+            table[kohya_name(module)] = module  # the diffusers-path spelling
         table[name] = module
-        if name.startswith(KOHYA_TEXT_PREFIX):
-            path = name[len(KOHYA_TEXT_PREFIX) :]
-            for prefix in KOHYA_TEXT_ALIASES:  # with and without the `text_model_` level
-                table[prefix + path] = module
-                table[prefix + path.removeprefix(KOHYA_TEXT_MODEL)] = module
+        for prefix in (KOHYA_TEXT_PREFIX, *KOHYA_XL_TEXT_PREFIXES.values()):
+            if not name.startswith(prefix):
+                continue
+            path = name[len(prefix) :]
+            aliases = KOHYA_TEXT_ALIASES if prefix == KOHYA_TEXT_PREFIX else (prefix,)
+            for alias in aliases:  # with and without the `text_model_` level
+                table[alias + path] = module
+                table[alias + path.removeprefix(KOHYA_TEXT_MODEL)] = module
     return table
+
+
+# diffusers' SDXL added-conditioning MLP, which the original U-Net calls label_emb.0
+_XL_ADD_EMBEDDING = {
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+}
+
+
+def original_unet_names(unet_config, paths: Iterable[str]) -> dict[str, str]:
+    """The original (SGM/LDM) module path of each diffusers U-Net module path, from the config
+    (`sdtune.models.ldm_keys.unet_prefix_map`); modules it does not name keep their path."""
+    from sdtune.models.ldm_keys import rename_keys, unet_prefix_map
+
+    prefix_map = unet_prefix_map(unet_config)
+    names = {}
+    for path in paths:
+        if path in _XL_ADD_EMBEDDING:
+            names[path] = _XL_ADD_EMBEDDING[path]
+            continue
+        try:
+            names[path] = rename_keys([path + ".weight"], prefix_map, "U-Net")[
+                path + ".weight"
+            ].removesuffix(".weight")
+        except SdtuneError:
+            names[path] = path
+    return names
 
 
 def detect_layout(keys: Iterable[str]) -> str:
@@ -165,7 +234,7 @@ def detect_layout(keys: Iterable[str]) -> str:
         return "kohya"
     if any(k.startswith(PEFT_PREFIX) for k in keys):
         return "peft"
-    if any(k.startswith((UNET + ".", TEXT_ENCODER + ".")) for k in keys):
+    if any(k.startswith(tuple(p + "." for p in PARTS)) for k in keys):
         return "diffusers"
     raise SdtuneError(
         "no LoRA keys found (expected lora_unet_*/lora_te_* (kohya), unet.*/text_encoder.* "
@@ -283,13 +352,18 @@ def parse_kohya(state: dict[str, torch.Tensor], table: dict[str, str]) -> dict[s
     return {table.get(name, name): kohya_layer(name, tensors) for name, tensors in groups.items()}
 
 
-def to_kohya_state_dict(layers: dict[str, Layer]) -> dict[str, torch.Tensor]:
-    """The kohya state dict of LoRA layers: down, up and the real alpha per module."""
+def to_kohya_state_dict(
+    layers: dict[str, Layer], original: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The kohya state dict of LoRA layers: down, up and the real alpha per module.
+
+    `original`: an SDXL model's original U-Net names (`ModelModules.original`), for SDXL's names.
+    """
     state = {}
     for module, layer in sorted(layers.items()):
         if layer.kind != "lora" or "lora_mid" in layer.factors:
             raise SdtuneError(f"'{module}' is a {layer.algorithm} layer; convert it to LoRA first")
-        name = kohya_name(module)
+        name = kohya_name(module, original)
         alpha = float(layer.alpha) if layer.alpha is not None else float(layer.rank)
         state[name + KOHYA_DOWN] = layer.down.contiguous()
         state[name + KOHYA_UP] = layer.up.contiguous()
@@ -317,7 +391,8 @@ def to_peft_state_dict(layers: dict[str, Layer]) -> dict[str, torch.Tensor]:
         if layer.magnitude is not None:
             shape = (1, -1, 1, 1) if layer.down.ndim == 4 else (-1,)
             # diffusers hands text-encoder keys to transformers, which maps `.weight` names only
-            key = DORA_MAGNITUDE + (".weight" if module.startswith(TEXT_ENCODER + ".") else "")
+            text = module.partition(".")[0] in TEXT_PARTS
+            key = DORA_MAGNITUDE + (".weight" if text else "")
             state[f"{module}.{key}"] = layer.magnitude.reshape(shape).contiguous()
     return state
 

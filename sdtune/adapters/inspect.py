@@ -20,14 +20,14 @@ from sdtune.adapters.load import FAMILY_OF_TEXT_WIDTH
 from sdtune.errors import SdtuneError
 
 # kohya names the text encoder of SD 1 `lora_te_`, diffusers `text_encoder.`; both have q/k/v.
-_TEXT_PREFIXES = ("lora_te_", "lora_te1_", "text_encoder.", "te.")
+_TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.", "te.")
 
 
 @dataclass
 class AdapterSummary:
     path: Path
     format: str  # "diffusers", "peft" or "kohya"
-    family: str  # "sd1"/"sd2-*" from sdtune's header, else "sd1"/"sd2" guessed from shapes
+    family: str  # sdtune's header, else "sd1"/"sd2"/"sdxl" guessed from names and shapes
     parameters: int
     modules: int
     ranks: Counter = field(default_factory=Counter)
@@ -65,7 +65,7 @@ def detect_format(keys: list[str]) -> str:
         return "kohya"
     if any(k.startswith("base_model.model.") for k in keys):
         return "peft"
-    if any(k.startswith(("unet.", "text_encoder.")) for k in keys):
+    if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
         return "diffusers"
     raise SdtuneError(
         "no LoRA keys found (expected lora_unet_*/lora_te_* (kohya), unet.*/text_encoder.* "
@@ -125,7 +125,9 @@ def inspect_adapter(path: str | Path) -> AdapterSummary:
             summary.alphas["= rank (none stored)"] += 1
         else:
             summary.alphas[f"{layer.alpha:g}"] += 1
-    summary.family = summary.metadata.get("family") or _guess_family(adapter.layers)
+    summary.family = (
+        summary.metadata.get("family") or adapter.family or _guess_family(adapter.layers)
+    )
     return summary
 
 
@@ -137,7 +139,8 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _guess_family(layers: dict) -> str:
-    """SD 1 and SD 2 differ in the text width the cross-attention keys read: 768 vs 1024."""
+    """SD 1, SD 2 and SDXL differ in the text width the cross-attention keys read: 768, 1024
+    and 2048."""
     from sdtune.adapters.lowrank import compute_out_in
 
     for module, layer in layers.items():

@@ -1,7 +1,9 @@
 """Saving and loading adapters as diffusers-loadable safetensors with sdtune metadata.
 
-The file is the one `StableDiffusionPipeline.load_lora_weights` and peft read unchanged: peft's
-key names under `unet.` and `text_encoder.text_model.` (see `sdtune.adapters.layout`). Its
+The file is the one `StableDiffusionPipeline.load_lora_weights` (and, with SDXL's second text
+encoder under `text_encoder_2.text_model.`, `StableDiffusionXLPipeline.load_lora_weights`) and
+peft read unchanged: peft's key names under `unet.` and `text_encoder.text_model.` (see
+`sdtune.adapters.layout`). Its
 header carries diffusers' adapter metadata (so rank *and* alpha survive a reload, in the fields
 every supported peft accepts) plus sdtune's own keys: family, base model, rank, alpha, targets,
 trigger word, resolution and the resolved training config.
@@ -32,15 +34,18 @@ def save_adapter(
     text_encoder=None,
     info: dict[str, object] | None = None,
     file_name: str = ADAPTER_FILE_NAME,
+    text_encoder_2=None,
 ) -> Path:
-    """Write the adapter of `unet` (and `text_encoder`) to `folder/file_name`, atomically."""
+    """Write the adapter of `unet` (and `text_encoder`, and SDXL's `text_encoder_2`) to
+    `folder/file_name`, atomically. A part without LoRA layers is left out."""
     from peft.utils import get_peft_model_state_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state, per_part = {}, {}
-    for part, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if model is None:
+    parts = (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
+    for part, model in parts:
+        if model is None or "default" not in (getattr(model, "peft_config", None) or {}):
             continue
         peft_state = get_peft_model_state_dict(model)
         state.update(layout.peft_state_to_file(part, peft_state))

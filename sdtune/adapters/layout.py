@@ -3,8 +3,9 @@
 Keys are peft's own names with the model part in front:
 
 - `unet.<module>.lora_A.weight` (down), `unet.<module>.lora_B.weight` (up);
-- `text_encoder.text_model.<module>.lora_A.weight` / `lora_B.weight`: the `text_model.` level is
-  always written. transformers 4.x names the CLIP modules under it and needs it; transformers 5
+- `text_encoder.text_model.<module>.lora_A.weight` / `lora_B.weight` (and SDXL's
+  `text_encoder_2.text_model.<module>...`, which `StableDiffusionXLPipeline.load_lora_weights`
+  reads as the second encoder's): the `text_model.` level is always written. transformers 4.x names the CLIP modules under it and needs it; transformers 5
   has no such level but maps the old names on loading, and ComfyUI maps text-encoder keys of a
   diffusers file only under `text_encoder.text_model.`;
 - DoRA: `<module>.lora_magnitude_vector.weight`. peft accepts it with or without `.weight`;
@@ -30,7 +31,7 @@ from collections import Counter
 import torch
 
 from sdtune.adapters import formats
-from sdtune.adapters.formats import TEXT_ENCODER, Layer
+from sdtune.adapters.formats import TEXT_PARTS, Layer
 from sdtune.errors import SdtuneError
 
 DOWN = ".lora_A.weight"
@@ -53,9 +54,10 @@ _MAGNITUDE_STEM = ".lora_magnitude_vector"
 
 
 def file_prefix(module: str) -> str:
-    """The key prefix of a canonical module name (`text_encoder.encoder...` gets `text_model.`)."""
+    """The key prefix of a canonical module name (`text_encoder.encoder...` gets `text_model.`;
+    so does `text_encoder_2.`, except its `text_projection`, which is outside that level)."""
     part, _, name = module.partition(".")
-    if part == TEXT_ENCODER and not name.startswith(TEXT_MODEL):
+    if part in TEXT_PARTS and not name.startswith((TEXT_MODEL, "text_projection")):
         return f"{part}.{TEXT_MODEL}{name}"
     return module
 
@@ -188,7 +190,7 @@ def needs_rewrite(keys, meta: dict) -> list[str]:
     extra = sorted({k.partition(".")[2] for k in meta} - set(LORA_CONFIG_FIELDS))
     if extra:
         reasons.append(f"header fields older peft rejects ({', '.join(extra[:3])})")
-    te = [k for k in keys if k.startswith(TEXT_ENCODER + ".")]
-    if any(not k.startswith(f"{TEXT_ENCODER}.{TEXT_MODEL}") for k in te):
+    te = [(p, k) for k in keys for p in TEXT_PARTS if k.startswith(p + ".")]
+    if any(not k.startswith((f"{p}.{TEXT_MODEL}", f"{p}.text_projection")) for p, k in te):
         reasons.append("text-encoder keys without text_model.")
     return reasons

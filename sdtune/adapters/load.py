@@ -1,8 +1,9 @@
 """Read an adapter in any layout, check that it fits a model, and attach it to a pipeline.
 
-Layouts: sdtune/diffusers files (`unet.*`, `text_encoder.*`), PEFT folders
+Layouts: sdtune/diffusers files (`unet.*`, `text_encoder.*`, SDXL's `text_encoder_2.*`), PEFT folders
 (`adapter_config.json` + `adapter_model.safetensors`), and kohya/A1111/civitai files
-(`lora_unet_*`, `lora_te_*`: LoRA, LoCon, LyCORIS LoHa and LoKr). The layout is detected from
+(`lora_unet_*`, `lora_te_*`, SDXL's `lora_te1_*`/`lora_te2_*`: LoRA, LoCon, LyCORIS LoHa and
+LoKr). The layout is detected from
 the keys. Before anything touches the model, every module is looked up in the model and its
 shape compared, so an adapter for another family fails with one line naming both families
 instead of a shape-mismatch traceback from deep inside peft.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -33,8 +35,11 @@ from sdtune.errors import SdtuneError, first_line
 logger = logging.getLogger("sdtune.adapters")
 PEFT_CONFIG = "adapter_config.json"
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding")
-# Cross-attention reads text of this width: it tells SD 1 from SD 2 adapters.
-FAMILY_OF_TEXT_WIDTH = {768: "sd1", 1024: "sd2"}
+# Cross-attention reads text of this width: it tells SD 1, SD 2 and SDXL adapters apart.
+FAMILY_OF_TEXT_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
+# Names only SDXL's kohya layout has: the second encoder, the original U-Net's blocks.
+_XL_KOHYA_NAMES = re.compile(r"lora_te2_|lora_unet_(input_blocks|middle_block|output_blocks)_")
+_CROSS_ATTENTION_K = re.compile(r"attn2[._]to_k$")
 
 
 @dataclass
@@ -50,24 +55,35 @@ class Adapter:
 
     @property
     def family(self) -> str | None:
-        """The family its header names (sdtune files) or its cross-attention width implies."""
+        """The family its header names (sdtune files), or the one its names or cross-attention
+        width imply: a second text encoder or original U-Net block names are SDXL's."""
+        from sdtune.adapters.lowrank import compute_out_in
+
         named = self.header.get(METADATA_PREFIX + "family")
         if named:
             return named
+        if any(
+            m.startswith(formats.TEXT_ENCODER_2 + ".") or _XL_KOHYA_NAMES.match(m)
+            for m in self.layers
+        ):
+            return "sdxl"
         for module, layer in self.layers.items():
-            if layer.kind == "lora" and module.endswith(("attn2.to_k", "attn2.to_v")):
-                return FAMILY_OF_TEXT_WIDTH.get(int(layer.down.flatten(1).shape[1]))
+            if _CROSS_ATTENTION_K.search(module):
+                return FAMILY_OF_TEXT_WIDTH.get(compute_out_in(layer)[1])
         return None
 
 
-def model_modules(pipe) -> dict[str, torch.Size]:
-    """Canonical name -> weight shape of every Linear/Conv2d of the U-Net and text encoder.
+def model_modules(pipe) -> formats.ModelModules:
+    """Canonical name -> weight shape of every Linear/Conv2d of the U-Net and text encoders.
 
     Modules already wrapped by peft count under their own name with their base weight's shape.
+    An SDXL model's modules also carry their original U-Net names (`ModelModules.original`).
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    modules = {}
+    from sdtune.models.families import xl_kind
+
+    modules = formats.ModelModules()
     for part in formats.PARTS:
         model = getattr(pipe, part, None)
         if model is None:
@@ -81,11 +97,15 @@ def model_modules(pipe) -> dict[str, torch.Size]:
                 continue
             full = formats.strip_text_model(f"{part}.{name}")
             modules[full] = module.weight.shape
+    if xl_kind(dict(pipe.unet.config)) is not None:
+        prefix = formats.UNET + "."
+        paths = [m[len(prefix) :] for m in modules if m.startswith(prefix)]
+        modules.original = formats.original_unet_names(pipe.unet.config, paths)
     return modules
 
 
 @lru_cache(maxsize=8)
-def family_modules(family: str) -> dict[str, torch.Size]:
+def family_modules(family: str) -> formats.ModelModules:
     """The modules of a full-size model of `family` (built on the meta device: no memory)."""
     from sdtune.models.families import build_pipeline_from_config
 
@@ -131,7 +151,8 @@ def _diffusers_alphas(
 
 
 def _peft_layers(state: dict[str, torch.Tensor]) -> dict[str, Layer]:
-    """A PEFT folder's layers; the model part is told by the module names."""
+    """A PEFT folder's layers (one model: a U-Net or a text encoder); the model part is told by
+    the module names. A text encoder is taken for the first: a folder does not say which."""
     renamed = {}
     for key, value in state.items():
         name = key.removeprefix(formats.PEFT_PREFIX)
@@ -235,15 +256,28 @@ def check_fits(adapter: Adapter, modules: dict[str, torch.Size], base: str) -> N
 
 
 def check_family(adapter: Adapter, base) -> None:
-    """An adapter whose header names a family with another text width does not fit `base`."""
+    """An adapter that its header says (sdtune's family, kohya's ss_base_model_version) is for
+    a family of another model line or text width does not fit `base`; nor does one whose names
+    are another line's (SDXL's second encoder or original U-Net blocks, on SD 1/2, or the
+    reverse): SD 1 on SDXL, SDXL on SD 2, and so on. Both families are named."""
+    from sdtune.adapters.export import named_family
     from sdtune.models.families import FAMILIES
 
-    named = adapter.header.get(METADATA_PREFIX + "family")
+    named = named_family(adapter.header)
     trained_on = FAMILIES.get(named) if named else None
-    if trained_on and trained_on.cross_attention_dim != base.cross_attention_dim:
+    if trained_on and (
+        trained_on.line != base.line or trained_on.cross_attention_dim != base.cross_attention_dim
+    ):
         raise SdtuneError(
             f"adapter '{adapter.path}' was trained on the {named} family but the base model is "
             f"{base.name}; use a base model of the {named} family"
+        )
+    guessed = adapter.family if named is None else None
+    line = "sdxl" if guessed and guessed.startswith("sdxl") else guessed
+    if line and line != base.line and (line == "sdxl" or base.line == "sdxl"):
+        raise SdtuneError(
+            f"adapter '{adapter.path}' is an {guessed} adapter (its module names and widths) but "
+            f"the base model is {base.name}; use a base model of the {guessed} family"
         )
 
 
@@ -262,22 +296,33 @@ def _lora_for_peft(pipe, adapter: Adapter, modules: dict) -> dict[str, torch.Ten
                 weight = module_weight(pipe, module).detach()
                 layer.magnitude = compute_adapted_weight(layer, weight).flatten(1).norm(dim=1)
     state = formats.to_peft_state_dict(layers)
-    text = getattr(pipe, formats.TEXT_ENCODER, None)
-    if text is not None and hasattr(text, "text_model"):  # transformers 4 names the level
-        prefix = formats.TEXT_ENCODER + "."
+    for part in formats.TEXT_PARTS:
+        text = getattr(pipe, part, None)
+        if text is None or not hasattr(text, "text_model"):
+            continue
+        # transformers 4 (and transformers 5's CLIPTextModelWithProjection) name the level
+        prefix = part + "."
         state = {
-            (prefix + "text_model." + k[len(prefix) :] if k.startswith(prefix) else k): v
+            (prefix + _in_text_model(text, k[len(prefix) :]) if k.startswith(prefix) else k): v
             for k, v in state.items()
         }
     return state
+
+
+def _in_text_model(model, name: str) -> str:
+    """`name` of a text encoder's module, under `text_model.` where the model has that level
+    (everything but CLIPTextModelWithProjection's `text_projection`)."""
+    if hasattr(model, "text_model") and not name.startswith(("text_model.", "text_projection")):
+        return "text_model." + name
+    return name
 
 
 def module_weight(pipe, module: str) -> torch.nn.Parameter:
     """The base weight of a canonical module of `pipe` (under any peft wrapper)."""
     part, _, name = module.partition(".")
     model = getattr(pipe, part)
-    if part == formats.TEXT_ENCODER and hasattr(model, "text_model"):
-        name = "text_model." + name
+    if part in formats.TEXT_PARTS:
+        name = _in_text_model(model, name)
     target = model.get_submodule(name)
     if hasattr(target, "get_base_layer"):
         target = target.get_base_layer()

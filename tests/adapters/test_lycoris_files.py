@@ -87,17 +87,31 @@ def _expected_summary(network):
     return algorithms, ranks, alphas
 
 
-def save_lycoris_file(folder, case: str, algo: str, options: dict):
+# SDXL: both text encoders (LyCORIS names them lora_te1_/lora_te2_), the U-Net's first attending
+# level (down_blocks.1, whose proj_in/out are linear), the mid block, the first up level, the
+# added-conditioning MLP (the original layout's label_emb) and conv_in/out.
+XL_PRESET = r"""
+enable_conv = true
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+unet_target_name = ["conv_in", "conv_out", "add_embedding.linear_1", "add_embedding.linear_2"]
+text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]
+text_encoder_target_name = []
+exclude_name = ['down_blocks\.[02]', 'up_blocks\.[12]']
+"""
+
+
+def save_lycoris_file(folder, case: str, algo: str, options: dict, family: str = "sd1"):
     """(file, LyCORIS' per-module changes, its network): one network saved by LyCORIS."""
-    (folder / "preset.toml").write_text(PRESET)
+    (folder / "preset.toml").write_text(XL_PRESET if family == "sdxl" else PRESET)
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-    pipe = build_tiny_pipeline("sd1", seed=0)
+    pipe = build_tiny_pipeline(family, seed=0)
     names = {id(m): n for n, m in canonical_modules(pipe).items()}
+    text = [pipe.text_encoder, pipe.text_encoder_2] if family == "sdxl" else pipe.text_encoder
     network = lycoris_kohya.create_network(
-        1.0, 4, 2, pipe.vae, pipe.text_encoder, pipe.unet, algo=algo,
+        1.0, 4, 2, pipe.vae, text, pipe.unet, algo=algo,
         preset=str(folder / "preset.toml"), conv_dim=2, conv_alpha=1, **options,
     )  # fmt: skip
-    network.apply_to(pipe.text_encoder, pipe.unet, True, True)
+    network.apply_to(text, pipe.unet, True, True)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, param in network.named_parameters():
@@ -208,3 +222,41 @@ def test_a_lycoris_algorithm_that_cannot_be_applied_is_refused_before_loading(tm
         fuse_adapters(pipe, [(path, 1.0)])
     assert not changed_modules(pipe, base)  # nothing half-loaded
     assert not any(hasattr(m, "get_base_layer") for m in canonical_modules(pipe).values())
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+def test_lycoris_sdxl_files_apply_lycoris_changes_live_and_fused(algo, tmp_path):
+    """LoRA/LoCon, LoHa and LoKr on a tiny SDXL (both text encoders), read by sdtune's loader."""
+    path, want, _ = save_lycoris_file(tmp_path, algo, algo, {}, family="sdxl")
+    assert {m.partition(".")[0] for m in want} == {"unet", "text_encoder", "text_encoder_2"}
+    assert {"unet.add_embedding.linear_1", "unet.mid_block.resnets.0.conv1"} <= set(want)
+    pipe = build_tiny_pipeline("sdxl", seed=0)
+    base = base_weights(pipe)
+    load_adapters(pipe, [(str(path), 1.0)])  # attach_adapter: sdtune reads, diffusers applies
+    errors = {"live": relative_errors(applied_changes(pipe, base, want), want)}
+    merged = build_tiny_pipeline("sdxl", seed=0)
+    fuse_adapters(merged, [(path, 1.0)])  # what `merge --base` does
+    errors["merge --base"] = relative_errors(stored_changes(merged, base, want), want)
+    assert changed_modules(merged, base) == set(want)  # every module, and no other
+    worst = {route: max(e.values()) for route, e in errors.items()}
+    assert max(worst.values()) <= TOLERANCE, worst
+    assert inspect_adapter(path).modules == len(want)
+    assert inspect_adapter(path).family == "sdxl"  # told by its lora_te2_ names
+    # the same file with the U-Net under its original names (LyCORIS on kohya's SGM U-Net)
+    from safetensors.torch import load_file, save_file
+
+    from sdtune.adapters.formats import kohya_name
+    from sdtune.adapters.load import model_modules, read_adapter
+
+    modules = model_modules(pipe)
+    renamed = {kohya_name(m): kohya_name(m, modules.original) for m in want if "unet." in m}
+    state = {}
+    for key, value in load_file(str(path)).items():
+        name, _, rest = key.partition(".")
+        state[f"{renamed.get(name, name)}.{rest}"] = value
+    assert any(k.startswith("lora_unet_input_blocks_4_1_") for k in state)
+    save_file(state, str(tmp_path / "sgm.safetensors"))
+    first = read_adapter(path, modules).layers
+    second = read_adapter(tmp_path / "sgm.safetensors", modules).layers
+    assert first.keys() == second.keys() == set(want)
+    assert all(torch.equal(second[m].tensors[0], layer.tensors[0]) for m, layer in first.items())

@@ -39,7 +39,8 @@ def canonical_modules(pipe) -> dict[str, torch.nn.Module]:
     """Canonical name (`unet.X`, `text_encoder.Y`) -> the module at that path (wrapped or not)."""
     found = {}
     for part in PARTS:
-        for name, module in getattr(pipe, part).named_modules():
+        model = getattr(pipe, part, None)
+        for name, module in model.named_modules() if model is not None else ():
             if isinstance(base_layer(module), (torch.nn.Linear, torch.nn.Conv2d)):
                 if ".base_layer" in name or ".lora_" in name:
                     continue
