@@ -12,6 +12,9 @@ from typing import Any
 
 from sdtune.errors import SdtuneError
 
+# The models of a pipeline that adapters change: SDXL has a second text encoder.
+ADAPTED_PARTS = ("unet", "text_encoder", "text_encoder_2")
+
 
 def adapter_names(pipe: Any) -> list[str]:
     """Names of the adapters loaded on `pipe` (adapter_0, adapter_1, ... from load_adapters)."""
@@ -24,7 +27,7 @@ def adapter_names(pipe: Any) -> list[str]:
 def is_fused(pipe: Any) -> bool:
     """Whether any adapter is fused into the weights (read from the peft layers themselves,
     so it holds for every pipeline sharing these models through `from_pipe`)."""
-    models = [getattr(pipe, name, None) for name in ("unet", "text_encoder")]
+    models = [getattr(pipe, name, None) for name in ADAPTED_PARTS]
     return any(
         getattr(module, "merged_adapters", None)
         for model in models

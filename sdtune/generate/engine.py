@@ -27,15 +27,20 @@ class GenerationResult:
     scheduler: Any = None  # the scheduler that drew them (named in the PNG text)
     guidance_rescale: float = 0.0  # applied, where the mode's pipeline takes it
     mode: str = "txt2img"  # the mode that drew them (a request may leave it to the model)
+    refiner_start: float | None = None  # where a refiner took over, if one did
 
 
-def mode_pipeline(pipe: Any, mode: Mode) -> Any:
-    """`pipe` itself if it already is the mode's pipeline, else one sharing its components."""
+def mode_pipeline(pipe: Any, mode: Mode, family: str | None = None) -> Any:
+    """`pipe` itself if it already is the mode's pipeline, else one sharing its components
+    (the mode's SD 1/2 or SDXL pipeline, by the family of `pipe` when none is given)."""
     import diffusers
 
-    if type(pipe).__name__ == mode.pipeline_class:
+    from sdtune.models.families import detect_family
+
+    class_name = mode.pipeline_class_for(family or detect_family(pipe).name)
+    if type(pipe).__name__ == class_name:
         return pipe
-    cls = getattr(diffusers, mode.pipeline_class)
+    cls = getattr(diffusers, class_name)
     new = cls.from_pipe(pipe)
     new.set_progress_bar_config(disable=True)
     return new
@@ -79,7 +84,10 @@ def _pipeline_kwargs(pipe: Any, req: GenerationRequest, seeds: list[int]) -> dic
         kwargs["guidance_rescale"] = req.effective_guidance_rescale
     if req.mode == "inpaint":  # inpainting defaults to the U-Net's size, not the image's
         kwargs["width"], kwargs["height"] = req.image.size
-    if req.max_token_length > 75:  # long prompts: encoded in windows, the way training did
+    if is_xl_pipeline(pipe):  # both text encoders and the pooled embedding, as in training
+        kwargs.update(xl_prompt_kwargs(pipe, req, n))
+        kwargs["prompt"] = kwargs["negative_prompt"] = None
+    elif req.max_token_length > 75:  # long prompts: encoded in windows, the way training did
         from sdtune.data.prompts import encode_prompt_embeds
 
         kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"] = encode_prompt_embeds(
@@ -87,6 +95,35 @@ def _pipeline_kwargs(pipe: Any, req: GenerationRequest, seeds: list[int]) -> dic
         )
         kwargs["prompt"] = kwargs["negative_prompt"] = None
     return kwargs
+
+
+def is_xl_pipeline(pipe: Any) -> bool:
+    """Whether `pipe` is one of diffusers' SDXL pipelines (base, inpainting or refiner)."""
+    return hasattr(pipe, "text_encoder_2")
+
+
+def xl_prompt_kwargs(pipe: Any, req: GenerationRequest, n: int) -> dict[str, torch.Tensor]:
+    """The SDXL pipeline's four prompt tensors for `n` images, in the windows of
+    `req.max_token_length` (sdtune.data.prompts, the same encoding as training).
+
+    An empty negative prompt is all zeros where the model says so
+    (`force_zeros_for_empty_prompt`: SDXL base and inpainting, not the refiner), as diffusers
+    does when no negative prompt is given; the micro-conditioning is left to the pipeline,
+    whose defaults are diffusers' (original and target size the output's, crop at 0, 0).
+    """
+    from sdtune.data.prompts import Conditioning, encode_prompt_conditioning
+
+    cond, negative = encode_prompt_conditioning(
+        pipe, [req.prompt] * n, [req.negative_prompt] * n, req.max_token_length
+    )
+    if not req.negative_prompt and pipe.config.get("force_zeros_for_empty_prompt", False):
+        negative = Conditioning(torch.zeros_like(cond.embeds), torch.zeros_like(cond.pooled))
+    return {
+        "prompt_embeds": cond.embeds,
+        "pooled_prompt_embeds": cond.pooled,
+        "negative_prompt_embeds": negative.embeds,
+        "negative_pooled_prompt_embeds": negative.pooled,
+    }
 
 
 def takes_guidance_rescale(pipe: Any) -> bool:
@@ -103,8 +140,9 @@ def _with_snapshots(pipe: Any, kwargs: dict, recorder: SnapshotRecorder) -> dict
 
 
 @torch.no_grad()
-def run_request(pipe: Any, req: GenerationRequest) -> GenerationResult:
-    """Draw the request's images with a pipeline already in its mode (see `mode_pipeline`)."""
+def run_request(pipe: Any, req: GenerationRequest, refiner: Any = None) -> GenerationResult:
+    """Draw the request's images with a pipeline already in its mode (see `mode_pipeline`);
+    with an SDXL `refiner` (checked by sdtune.generate.refiner), as two stages."""
     req = resolve_request(req)
     images: list[Any] = []
     snapshots: list[list[Image.Image]] = []
@@ -114,9 +152,20 @@ def run_request(pipe: Any, req: GenerationRequest) -> GenerationResult:
         recorder = SnapshotRecorder(req.snapshots)
         if req.snapshots:
             kwargs = _with_snapshots(pipe, kwargs, recorder)
-        images.extend(list(pipe(**kwargs).images))
+        if refiner is None:
+            images.extend(list(pipe(**kwargs).images))
+        else:
+            from sdtune.generate.refiner import run_two_stages
+
+            images.extend(run_two_stages(pipe, refiner, req, kwargs))
         snapshots.extend(recorder.decode(pipe) or [[] for _ in seeds])
     rescale = req.effective_guidance_rescale if takes_guidance_rescale(pipe) else 0.0
     return GenerationResult(
-        list(images), list(req.seeds), snapshots, pipe.scheduler, rescale, req.mode
+        list(images),
+        list(req.seeds),
+        snapshots,
+        pipe.scheduler,
+        rescale,
+        req.mode,
+        req.refiner_start if refiner is not None else None,
     )

@@ -4,6 +4,10 @@ One row per mode instead of one module per mode: the shared path (loading, adapt
 saving) reads this table, so adding a mode is adding a row. A plain 4-channel model can inpaint
 too: diffusers' inpainting pipeline runs a 4-channel U-Net by blending the known latents back in
 after each step (the "latent-mask" fallback), which is weaker at seams than a 9-channel model.
+
+SDXL runs the same modes through diffusers' SDXL pipelines (`xl_pipeline_class`); the SDXL
+refiner on its own is an image-to-image model (its usual place is the second stage of a run,
+sdtune.generate.refiner).
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sdtune.errors import SdtuneError
+from sdtune.models.families import get_family
 
-_PLAIN = ("sd1", "sd2-base", "sd2-v")
-_INPAINT = ("sd1-inpaint", "sd2-inpaint")
+_PLAIN = ("sd1", "sd2-base", "sd2-v", "sdxl")
+_INPAINT = ("sd1-inpaint", "sd2-inpaint", "sdxl-inpaint")
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,13 @@ class Mode:
     description: str
     # request field -> pipeline keyword, for the fields this mode passes on
     arguments: tuple[tuple[str, str], ...] = ()
+    xl_pipeline_class: str | None = None  # the diffusers class for SDXL families
+
+    def pipeline_class_for(self, family: str) -> str:
+        """The diffusers pipeline class that runs this mode on a model of `family`."""
+        if get_family(family).is_xl and self.xl_pipeline_class is not None:
+            return self.xl_pipeline_class
+        return self.pipeline_class
 
 
 MODES: dict[str, Mode] = {
@@ -39,14 +51,16 @@ MODES: dict[str, Mode] = {
             _PLAIN,
             "text to image",
             (("width", "width"), ("height", "height")),
+            "StableDiffusionXLPipeline",
         ),
         Mode(
             "img2img",
             "StableDiffusionImg2ImgPipeline",
             ("image",),
-            _PLAIN,
+            (*_PLAIN, "sdxl-refiner"),
             "a reference image redrawn from `strength` of the way into the diffusion run",
             (("image", "image"), ("strength", "strength")),
+            "StableDiffusionXLImg2ImgPipeline",
         ),
         Mode(
             "inpaint",
@@ -55,6 +69,7 @@ MODES: dict[str, Mode] = {
             _INPAINT + _PLAIN,
             "repaint the white part of a mask (plain models: latent-mask fallback)",
             (("image", "image"), ("mask", "mask_image"), ("strength", "strength")),
+            "StableDiffusionXLInpaintPipeline",
         ),
         Mode(
             "depth2img",

@@ -153,6 +153,13 @@ class GenerationRequest:
         valid="[0, 1]",
         section="sampling",
     )
+    # SDXL's refiner (GenerationJob.refiner) takes over after this fraction of the schedule
+    refiner_start: float = option(
+        0.8,
+        "fraction of the run the base draws before the refiner takes over (with --refiner)",
+        valid="(0, 1)",
+        section="sampling",
+    )
     snapshots: list[float] = option(
         [],
         "fractions of the run to save as a strip, e.g. 0.25,0.5,0.75",
@@ -308,6 +315,11 @@ class GenerationJob:
         tuple(FAMILIES),
         section="model",
         check=_check_family,
+    )
+    refiner: str | None = option(
+        None,
+        "SDXL refiner model (folder, hub id or .safetensors) for a second stage",
+        section="model",
     )
     lora: list[tuple[str, float]] = option(
         [],

@@ -73,41 +73,82 @@ def trained_zero_terminal_snr(adapters: list[tuple[str, float]]) -> bool:
     return False
 
 
-def _check_mode_before_loading(mode: str, model: str | None, family: str | None) -> None:
-    """A bad mode, or one the model's family cannot run, fails before the weights load
-    (a folder's family is read from its configs alone)."""
-    from sdtune.generate.modes import check_mode_fits
+def _folder_family(model: str | None, family: str | None) -> str | None:
+    """The given family, or a diffusers folder's (read from its configs alone), or None."""
     from sdtune.models.families import detect_family_from_folder
 
-    spec = get_mode(mode)
     if family is not None:
-        check_mode_fits(spec, family)
-    elif model is not None and Path(model, "model_index.json").is_file():
-        check_mode_fits(spec, detect_family_from_folder(model).name)
+        return family
+    if model is not None and Path(model, "model_index.json").is_file():
+        return detect_family_from_folder(model).name
+    return None
 
 
-def generate(pipe: Any, request: GenerationRequest) -> GenerationResult:
-    """Run `request` on a loaded pipeline of any family, in the request's mode.
+def _check_before_loading(job: GenerationJob, mode: str | None, model: str) -> None:
+    """A bad mode, one the model's family cannot run, or a refiner that cannot follow the
+    model, fails before the weights load (a folder's family is read from its configs)."""
+    from sdtune.generate.modes import check_mode_fits
 
-    The caller's pipeline is not changed: another mode or scheduler runs on a view sharing its
-    weights (and its adapters). Same seed and settings give the same image on the same device.
+    base = _folder_family(model, job.family)
+    if mode is not None and base is not None:
+        check_mode_fits(get_mode(mode), base)
+    elif mode is not None:
+        get_mode(mode)
+    if job.refiner is not None:
+        from sdtune.generate.refiner import check_refiner_families
+
+        if base is not None:
+            check_refiner_families(base, _folder_family(job.refiner, None))
+
+
+def load_refiner(model: str, speed: SpeedOptions | None = None) -> Any:
+    """An SDXL refiner pipeline, placed as `load_base` places the base."""
+    from sdtune.models.loading import load_pipeline
+
+    speed = speed or SpeedOptions()
+    device = pick_device(speed.device)
+    dtype = pick_dtype(device, speed.dtype)
+    pipe = load_pipeline(model, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    place_pipeline(
+        pipe, device, dtype, channels_last=speed.channels_last, cpu_offload=speed.cpu_offload
+    )
+    return pipe
+
+
+def generate(pipe: Any, request: GenerationRequest, refiner: Any = None) -> GenerationResult:
+    """Run `request` on a loaded pipeline of any family, in the request's mode; with an SDXL
+    `refiner` pipeline, the refiner draws the run's last part (sdtune.generate.refiner).
+
+    The caller's pipelines are not changed: another mode or scheduler runs on a view sharing
+    their weights (and adapters). Same seed and settings give the same image on the same device.
     """
     from sdtune.models.families import detect_family
 
     family = detect_family(pipe).name
     request = prepare_request(request, family)
-    target = mode_pipeline(pipe, request.mode_spec)
-    if request.scheduler is not None or request.zero_terminal_snr:
-        from sdtune.generate.schedulers import set_scheduler, use_zero_terminal_snr
+    if refiner is not None:
+        from sdtune.generate.refiner import check_refiner_request
 
-        if target is pipe:
-            target = type(pipe).from_pipe(pipe)
-            target.set_progress_bar_config(disable=True)
-        if request.scheduler is not None:
-            set_scheduler(target, request.scheduler)
-        if request.zero_terminal_snr:
-            use_zero_terminal_snr(target, request.scheduler)
-    return run_request(target, request)
+        check_refiner_request(request, family, detect_family(refiner).name)
+        refiner = _with_sampler(refiner, request)
+    target = _with_sampler(mode_pipeline(pipe, request.mode_spec, family), request)
+    return run_request(target, request, refiner)
+
+
+def _with_sampler(pipe: Any, request: GenerationRequest) -> Any:
+    """`pipe`, or a view of it with the request's scheduler and noise schedule."""
+    if request.scheduler is None and not request.zero_terminal_snr:
+        return pipe
+    from sdtune.generate.schedulers import set_scheduler, use_zero_terminal_snr
+
+    target = type(pipe).from_pipe(pipe)
+    target.set_progress_bar_config(disable=True)
+    if request.scheduler is not None:
+        set_scheduler(target, request.scheduler)
+    if request.zero_terminal_snr:
+        use_zero_terminal_snr(target, request.scheduler)
+    return target
 
 
 def load_base(
@@ -144,8 +185,10 @@ def build_generation_params(
     model: str,
     adapters: list,
     index: int,
+    refiner: str | None = None,
 ) -> GenerationParams:
-    """The PNG parameters of image `index` of `result`, drawn by `generate(pipe, req)`."""
+    """The PNG parameters of image `index` of `result`, drawn by `generate(pipe, req)` (and
+    the `refiner` model, in A1111's names "Refiner" and "Refiner switch at")."""
     from sdtune.generate.schedulers import a1111_name_of
 
     sampler, schedule = a1111_name_of(result.scheduler or pipe.scheduler)
@@ -157,6 +200,9 @@ def build_generation_params(
         extra = {"Noise Schedule": "Zero Terminal SNR", "Timestep spacing": "trailing"}
     if result.guidance_rescale:
         extra["CFG Rescale"] = f"{result.guidance_rescale:g}"
+    if result.refiner_start is not None:
+        extra["Refiner"] = str(refiner or "refiner")
+        extra["Refiner switch at"] = f"{result.refiner_start:g}"
     height, width = _image_size(image)
     return GenerationParams(
         prompt=req.prompt,
@@ -195,13 +241,15 @@ def save_result(
     out_dir: str | Path,
     model: str,
     adapters: list[tuple[str, float]],
+    refiner: str | None = None,
 ) -> list[Path]:
-    """PNGs per seed (with snapshot strips), and a grid for more than one image."""
+    """PNGs per seed (with snapshot strips), and a grid for more than one image; `refiner`
+    names the refiner model of a two-stage run."""
     mode = req.mode or result.mode
     prefix = "" if mode == "txt2img" else f"{mode}-"
     paths = []
     for i, (seed, image) in enumerate(zip(result.seeds, result.images, strict=True)):
-        params = build_generation_params(pipe, req, result, model, adapters, i)
+        params = build_generation_params(pipe, req, result, model, adapters, i, refiner)
         paths.append(save_png(image, out_dir, params, stem=f"{prefix}seed{seed}"))
         if result.snapshots and result.snapshots[i]:
             strip = make_strip([*result.snapshots[i], image])
@@ -209,7 +257,7 @@ def save_result(
             params = replace(params, extra={**params.extra, **shown})
             paths.append(save_png(strip, out_dir, params, stem=f"{prefix}seed{seed}-snapshots"))
     if len(result.images) > 1:
-        first = build_generation_params(pipe, req, result, model, adapters, 0)
+        first = build_generation_params(pipe, req, result, model, adapters, 0, refiner)
         stem = f"{prefix}grid-seed{result.seeds[0]}"
         paths.append(save_grid(result.images, out_dir, stem, first))
     return paths
@@ -249,9 +297,14 @@ def generate_to_folder(job: GenerationJob) -> list[Path]:
         resolve_adapter_path(path)  # a missing adapter fails before the model loads
     req = _settings_from_adapters(job.request, adapters)
     model = job.model or base_model_of(adapters)
-    if req.mode is not None:
-        _check_mode_before_loading(req.mode, str(model), job.family)
+    _check_before_loading(job, req.mode, str(model))
     pipe = load_base(model, job.family, adapters, job.fuse, job.speed)
-    req = resolve_request(req, detect_family(pipe).name)
-    result = generate(pipe, req)
-    return save_result(pipe, req, result, job.out, str(model), adapters)
+    family = detect_family(pipe).name
+    req = resolve_request(req, family)
+    if job.refiner is not None:  # before the refiner's weights load
+        from sdtune.generate.refiner import check_refiner_families
+
+        check_refiner_families(family, None)
+    refiner = load_refiner(job.refiner, job.speed) if job.refiner is not None else None
+    result = generate(pipe, req, refiner)
+    return save_result(pipe, req, result, job.out, str(model), adapters, job.refiner)

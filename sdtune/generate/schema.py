@@ -219,15 +219,16 @@ def check_value(opt: GenerationOption, value: Any) -> str | None:
 
 
 def _cross_problems(typed: dict[str, Any]) -> dict[str, str]:
-    """Checks of several options together: a mode's required inputs, the mode on the family."""
+    """Checks of several options together: a mode's required inputs, the mode on the family,
+    a refiner on the family and mode."""
+    problems = _refiner_problems(typed)
     mode = typed.get("mode")
     if mode is None:
-        return {}
+        return problems
     try:
         spec = get_mode(mode)
     except SdtuneError:
-        return {}  # reported for the mode itself
-    problems = {}
+        return problems  # reported for the mode itself
     for name in spec.required:
         if typed.get(name) is None:
             problems.setdefault("mode", f"mode '{spec.name}' needs --{name.replace('_', '-')}")
@@ -237,6 +238,21 @@ def _cross_problems(typed: dict[str, Any]) -> dict[str, str]:
         except SdtuneError as exc:
             problems.setdefault("mode", str(exc))
     return problems
+
+
+def _refiner_problems(typed: dict[str, Any]) -> dict[str, str]:
+    """A refiner needs an SDXL base (when the family is given) and a mode with two stages."""
+    from sdtune.generate.refiner import check_refiner_families, check_refiner_mode
+
+    if not typed.get("refiner"):
+        return {}
+    try:
+        check_refiner_mode(typed.get("mode"))
+        if typed.get("family") in FAMILIES:
+            check_refiner_families(typed["family"], None)
+    except SdtuneError as exc:
+        return {"refiner": str(exc)}
+    return {}
 
 
 def _typed_values(
