@@ -185,6 +185,12 @@ def _value_rules(cfg: RunConfig) -> list[tuple[bool, str, str]]:
             "must be a positive multiple of 8",
         ),
         (
+            not cfg.data.bucketing or cfg.data.bucket_step <= cfg.data.resolution,
+            "data.bucket_step",
+            f"must be at most data.resolution ({cfg.data.resolution}) with data.bucketing=true, "
+            "or no bucket fits",
+        ),
+        (
             cfg.output.validation_every_n_steps >= 0,
             "output.validation_every_n_steps",
             "must be 0 or more",

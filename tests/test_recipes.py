@@ -90,6 +90,8 @@ def test_recipe_header_command_trains_a_tiny_model_of_its_family(
     if cfg.output.sample_every_n_steps:
         items["output.sample_every_n_steps"] = "1"
     items["train.mixed_precision"] = precision
+    if cfg.data.bucketing:  # buckets of about 32² pixels need a finer step than 64
+        items["data.bucket_step"] = "16"
     monkeypatch.chdir(recipe.parents[1])  # the header names the recipe relative to the repo
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

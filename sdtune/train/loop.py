@@ -562,5 +562,9 @@ def save_final(run: Run) -> Path:
     unwrap = run.accelerator.unwrap_model
     pipe.unet = unwrap(run.unet, keep_fp32_wrapper=False, keep_torch_compile=False).eval()
     for name, encoder in run.text_encoders.items():
-        setattr(pipe, name, unwrap(encoder, keep_fp32_wrapper=False).eval())
+        encoder = unwrap(encoder, keep_fp32_wrapper=False).eval()
+        # accelerate puts back the bound forward it saved; transformers 5 models called through
+        # it return no hidden_states (SDXL's prompts need them), so the class's own is used.
+        encoder.__dict__.pop("forward", None)
+        setattr(pipe, name, encoder)
     return save_final_files(run, lambda: _samples(run, "final"))

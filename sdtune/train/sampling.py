@@ -54,8 +54,9 @@ def _without_autocast_wrapper(model) -> Iterator[None]:
     if original is None:
         yield
         return
-    wrapped = model.__dict__["forward"]
-    model.forward = original
+    # The class's own forward, not the saved bound method: transformers 5 models called through
+    # the saved method return no hidden_states, which SDXL's prompt encoding reads.
+    wrapped = model.__dict__.pop("forward")
     try:
         yield
     finally:
