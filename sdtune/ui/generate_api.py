@@ -44,9 +44,10 @@ def _confined(ws: Workspace, values: dict[str, Any]) -> dict[str, Any]:
         checked.append(real if weight == 1.0 else f"{real}:{weight:g}")
     if loras:
         values["lora"] = checked
-    model = values.get("model")
-    if model and not is_hub_id(ws, str(model)):
-        values["model"] = ws.relative(ws.resolve(str(model), must_exist=True))
+    for key in ("model", "refiner"):  # a hub id, or a model in the workspace
+        model = values.get(key)
+        if model and not is_hub_id(ws, str(model)):
+            values[key] = ws.relative(ws.resolve(str(model), must_exist=True))
     return values
 
 
@@ -55,7 +56,7 @@ def _messages(ws: Workspace, values: dict[str, Any]) -> dict[str, str]:
     from sdtune.generate.schema import check_generation_values
 
     here = dict(values)
-    for key in (*FILE_OPTIONS, "model"):
+    for key in (*FILE_OPTIONS, "model", "refiner"):
         if key in here and (ws.root / str(here[key])).exists():
             here[key] = str(ws.root / str(here[key]))
     if "lora" in here:

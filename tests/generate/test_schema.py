@@ -30,7 +30,7 @@ FLAGS = {
     "--batch-size": None, "--width": None, "--height": None, "--out": "outputs/images",
     "--max-token-length": None, "--zero-terminal-snr": None, "--guidance-rescale": None,
     "--device": None, "--dtype": None, "--compile": False, "--cpu-offload": False,
-    "--channels-last": False,
+    "--channels-last": False, "--refiner": None, "--refiner-start": 0.8,
 }  # fmt: skip
 
 
