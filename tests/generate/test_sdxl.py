@@ -196,9 +196,6 @@ def test_text_encoder_2_alone_counts_as_fused(xl_lora):
     assert is_fused(pipe)
 
 
-@pytest.mark.xfail(
-    raises=SdtuneError, reason="sdtune's adapter reader does not read text_encoder_2 layers yet"
-)
 def test_sdxl_adapter_file_through_sdtune_loader_fused_equals_live(xl_lora):
     pipe = tiny("sdxl")
     req = _req(steps=2)
