@@ -164,10 +164,7 @@ def encode_prompt_embeds(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds, negative_prompt_embeds) for a diffusers pipeline, in the same windows as
     training; the negative prompts (empty ones too) get the same number of windows."""
-    device = getattr(pipe, "_execution_device", None) or pipe.device
-    encoder = pipe.text_encoder
-    embeds = []
-    for texts in (prompts, negative_prompts):
-        ids = tokenize_prompts(pipe.tokenizer, texts, max_token_length).to(device)
-        embeds.append(encode_token_windows(encoder, ids).to(encoder.dtype))
-    return embeds[0], embeds[1]
+    positive, negative = encode_prompt_conditioning(
+        pipe, prompts, negative_prompts, max_token_length
+    )
+    return positive.embeds, negative.embeds

@@ -99,7 +99,9 @@ def _pipeline_kwargs(pipe: Any, req: GenerationRequest, seeds: list[int]) -> dic
 
 def is_xl_pipeline(pipe: Any) -> bool:
     """Whether `pipe` is one of diffusers' SDXL pipelines (base, inpainting or refiner)."""
-    return hasattr(pipe, "text_encoder_2")
+    from sdtune.models.families import detect_family
+
+    return detect_family(pipe).is_xl
 
 
 def xl_prompt_kwargs(pipe: Any, req: GenerationRequest, n: int) -> dict[str, torch.Tensor]:

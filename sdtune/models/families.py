@@ -26,6 +26,7 @@ SD2_CONTEXT_DIM = 1024
 # attends to bigG alone.
 SDXL_CONTEXT_DIM = 2048
 SDXL_REFINER_CONTEXT_DIM = 1280
+SDXL_POOLED_DIM = 1280  # OpenCLIP bigG's projection: the pooled text embedding of base and refiner
 # SDXL's micro-conditioning ("time ids", Podell et al. 2023 sec. 2.2): original size, crop
 # top-left and target size, each (height, width). The refiner replaces the target size with
 # one aesthetic score, so its U-Net takes 5 ids.

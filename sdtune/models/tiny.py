@@ -14,7 +14,7 @@ import copy
 from typing import Any
 
 from sdtune.models.build import build_pipeline, load_family_configs
-from sdtune.models.families import Family, get_family
+from sdtune.models.families import SDXL_POOLED_DIM, Family, get_family
 
 TINY_RESOLUTION = 64  # output side in pixels of tiny txt2img/inpaint/depth models
 TINY_UPSCALER_INPUT = 32  # low-res input side of the tiny x4 upscaler (output 128)
@@ -52,7 +52,7 @@ def tiny_unet_config(full: dict[str, Any], family: Family) -> dict[str, Any]:
             layers = [min(n, _MAX_TRANSFORMER_LAYERS) for n in layers]
         else:
             layers = min(int(layers), _MAX_TRANSFORMER_LAYERS)
-        full_ids = full["projection_class_embeddings_input_dim"] - _pooled_width(full, family)
+        full_ids = full["projection_class_embeddings_input_dim"] - SDXL_POOLED_DIM
         ids = full_ids // full["addition_time_embed_dim"]
         cfg.update(
             transformer_layers_per_block=layers,
@@ -60,12 +60,6 @@ def tiny_unet_config(full: dict[str, Any], family: Family) -> dict[str, Any]:
             projection_class_embeddings_input_dim=ids * _TIME_ID_WIDTH + TINY_TEXT_WIDTH,
         )
     return cfg
-
-
-def _pooled_width(full_unet: dict[str, Any], family: Family) -> int:
-    """The pooled text width of a full-size SDXL U-Net: OpenCLIP bigG's projection (1280)."""
-    del full_unet, family
-    return 1280
 
 
 def tiny_vae_config(full: dict[str, Any]) -> dict[str, Any]:
