@@ -24,6 +24,12 @@ def quote(value: object, limit: int = 80) -> str:
     return f"{text[: limit - 20]}... ({len(text)} characters)"
 
 
+def quote_path(value: object) -> str:
+    """`quote` for a path the user gave: kept whole up to a length any real path fits in, since
+    a cut path no longer names the file."""
+    return quote(value, limit=400)
+
+
 def pickle_refusal(exc: BaseException) -> str | None:
     """The reason torch's weights-only unpickler gave for refusing an object, or None when
     `exc` is not such a refusal (a torn file, say). torch's own text advises rerunning with

@@ -37,7 +37,7 @@ from sdtune.data.sources import (
     size_problem,
 )
 from sdtune.data.transforms import Fit, compute_bucket_fit, compute_square_fit
-from sdtune.errors import SdtuneError, quote
+from sdtune.errors import SdtuneError, quote, quote_path
 
 
 @dataclass
@@ -271,23 +271,23 @@ def resolve_image(root: Path, image_rel_path: str) -> Path:
     rel = PurePosixPath(text)
     if not text or rel.is_absolute() or re.match(r"^[A-Za-z]:", text):
         raise SdtuneError(
-            f"image path {quote(image_rel_path)} must be relative to the dataset folder '{root}'"
+            f"image path {quote_path(image_rel_path)} must be relative to the dataset folder '{root}'"
         )
     if ".." in rel.parts:
         raise SdtuneError(
-            f"image path {quote(image_rel_path)} leads outside the dataset folder '{root}' "
+            f"image path {quote_path(image_rel_path)} leads outside the dataset folder '{root}' "
             "(no '..' allowed)"
         )
     path = root.joinpath(*rel.parts)
     if not path.resolve().is_relative_to(root.resolve()):
         raise SdtuneError(
-            f"image path {quote(image_rel_path)} leads outside the dataset folder '{root}' "
+            f"image path {quote_path(image_rel_path)} leads outside the dataset folder '{root}' "
             f"through a symbolic link (to '{path.resolve()}')"
         )
     if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
         what = "no such file" if not path.exists() else "not an image file"
         raise SdtuneError(
-            f"image path {quote(image_rel_path)} is not an image of the dataset folder '{root}' "
+            f"image path {quote_path(image_rel_path)} is not an image of the dataset folder '{root}' "
             f"({what}; images end in {', '.join(IMAGE_EXTENSIONS)})"
         )
     return path

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from sdtune.errors import SdtuneError, quote
+from sdtune.errors import SdtuneError, quote_path
 
 
 class OutsideWorkspace(SdtuneError):
@@ -27,18 +27,18 @@ class Workspace:
         """`path` (relative to the workspace, or absolute inside it) as a real path inside it."""
         text = str(path).replace("\\", "/")
         if "\x00" in text:
-            raise OutsideWorkspace(f"path {quote(text)} holds a NUL character")
+            raise OutsideWorkspace(f"path {quote_path(text)} holds a NUL character")
         parts = PurePosixPath(text).parts
         if ".." in parts:
             raise OutsideWorkspace(
-                f"path {quote(text)} uses '..'; name it from the workspace folder down"
+                f"path {quote_path(text)} uses '..'; name it from the workspace folder down"
             )
         candidate = Path(text) if Path(text).is_absolute() else self.root / text
         real = Path(os.path.realpath(candidate))
         if real != self.root and not real.is_relative_to(self.root):
             why = "leads out of" if not Path(text).is_absolute() else "is outside"
             raise OutsideWorkspace(
-                f"path {quote(text)} {why} the workspace '{self.root}'; only files inside it "
+                f"path {quote_path(text)} {why} the workspace '{self.root}'; only files inside it "
                 "can be used"
             )
         if must_exist and not real.exists():

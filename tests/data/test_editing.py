@@ -124,6 +124,7 @@ def test_a_failed_write_keeps_the_old_caption(folder, monkeypatch):
         ("../outside.png", "no '..'"),
         ("sub/../../outside.png", "no '..'"),
         ("ABSOLUTE", "must be relative"),
+        ("DEEP/ABSOLUTE", "must be relative"),
         ("link.png", "symbolic link"),
         ("linked_dir/outside.png", "symbolic link"),
         ("a.txt", "not an image"),
@@ -135,7 +136,14 @@ def test_save_caption_refuses_paths_that_are_not_images_of_the_folder(folder, na
     _noise((20, 20)).save(outside)
     os.symlink(outside, folder / "link.png")
     os.symlink(folder.parent, folder / "linked_dir")
-    name = str(outside) if name == "ABSOLUTE" else name
+    if name.endswith("ABSOLUTE"):  # the message names the whole path, however deep
+        deep = (
+            folder.parent.joinpath(*["a-rather-long-folder-name"] * 6) if "DEEP" in name else None
+        )
+        if deep:
+            deep.mkdir(parents=True)
+            _noise((20, 20)).save(deep / "outside.png")
+        name = str((deep or folder.parent) / "outside.png")
     with pytest.raises(SdtuneError, match=message) as err:
         save_caption(folder, name, "x")
     assert name in str(err.value)
