@@ -42,6 +42,8 @@ TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "train.cached.estimate_ratio": ("within 15% of the peak", lambda v: abs(v - 1) <= 0.15),
     "memory.peak": ("<= 4 GB", lambda v: v <= 4e9),
     "memory.estimate_ratio": ("within 15% of the peak", lambda v: abs(v - 1) <= 0.15),
+    "sdxl.peak": ("<= 10 GB", lambda v: v <= 10e9),
+    "sdxl.estimate_ratio": ("within 15% of the peak", lambda v: abs(v - 1) <= 0.15),
     "inference.live_ratio": ("within 10% of base", lambda v: v <= 1.10),
     "inference.fused_ratio": ("within 2% of base", lambda v: v <= 1.02),
 }
@@ -88,6 +90,7 @@ class Settings:
     sd2_resolution: int = 768
     sd2_batch_size: int = 4
     sd2_total_steps: int = 20
+    sdxl_resolution: int = 1024
     infer_size: int = 512
     infer_steps: int = 50
     infer_repeats: int = 2
@@ -109,6 +112,7 @@ class Settings:
             sd2_resolution=64,
             sd2_batch_size=1,
             sd2_total_steps=4,
+            sdxl_resolution=64,
             infer_size=64,
             infer_steps=4,
             infer_repeats=1,
@@ -134,7 +138,7 @@ class Bench:
 
     def model(self, family: str) -> str:
         """How the rows name a family's model: full-size, or the tiny stand-in of --smoke."""
-        name = {"sd1": "SD 1.5", "sd2-v": "SD 2 768-v"}[family]
+        name = {"sd1": "SD 1.5", "sd2-v": "SD 2 768-v", "sdxl": "SDXL 1.0"}[family]
         return name if self.settings.full else f"tiny {name}"
 
     def need(self, key: str) -> float:
@@ -320,10 +324,20 @@ def eight_bit_available(device: torch.device) -> str | None:
     return None
 
 
-def section_memory(bench: Bench) -> Iterator[Row]:
-    """Peak at batch 1, gradient checkpointing, 8-bit AdamW, next to sdtune estimate's."""
+def section_memory(bench: Bench, family: str = "sd1") -> Iterator[Row]:
+    """Peak at batch 1, gradient checkpointing, 8-bit AdamW, latents and text cached, next to
+    sdtune estimate's: SD 1.5 at 512 px, or SDXL at 1024 px (`recipes/sdxl-lora.yaml`)."""
     s = bench.settings
-    args = train_args(s, batch_size=1, gradient_checkpointing=True, optimizer="adamw8bit")
+    key = "memory" if family == "sd1" else family
+    resolution = s.resolution if family == "sd1" else s.sdxl_resolution
+    args = train_args(
+        s,
+        family=family,
+        resolution=resolution,
+        batch_size=1,
+        gradient_checkpointing=True,
+        optimizer="adamw8bit",
+    )
     args.steps, args.warmup = 3, 2
     why_not = eight_bit_available(s.device)
     estimate = estimate_peak(bench, args)
@@ -340,11 +354,16 @@ def section_memory(bench: Bench) -> Iterator[Row]:
     peak = result.peak_bytes
     if why_not is not None:
         peak -= full_state - estimate.optimizer
-    what = f"{bench.model('sd1')} {s.resolution} px b1, checkpointing, 8-bit AdamW"
-    yield bench.row("memory.peak", f"{what}: peak memory", peak, "bytes", note)
-    yield bench.row("memory.estimate", f"{what}: sdtune estimate", estimate.total, "bytes")
+    what = f"{bench.model(family)} {resolution} px b1, checkpointing, 8-bit AdamW"
+    yield bench.row(f"{key}.peak", f"{what}: peak memory", peak, "bytes", note)
+    yield bench.row(f"{key}.estimate", f"{what}: sdtune estimate", estimate.total, "bytes")
     ratio = estimate.total / peak
-    yield bench.row("memory.estimate_ratio", f"{what}: estimate / peak", ratio, "x")
+    yield bench.row(f"{key}.estimate_ratio", f"{what}: estimate / peak", ratio, "x")
+
+
+def section_sdxl(bench: Bench) -> Iterator[Row]:
+    """SDXL's memory target: the settings of recipes/sdxl-lora.yaml at batch 1."""
+    yield from section_memory(bench, "sdxl")
 
 
 def section_sd2v(bench: Bench) -> Iterator[Row]:
@@ -483,6 +502,7 @@ SECTIONS: dict[str, tuple[Callable[[Bench], Iterator[Row]], float, tuple[str, ..
     "matmul": (section_matmul, 20, ("matmul.bf16", "matmul.fp16")),
     # first of the training runs, so that nothing an earlier run left can sit in its peak
     "memory": (section_memory, 40, ("memory.peak", "memory.estimate", "memory.estimate_ratio")),
+    "sdxl": (section_sdxl, 60, ("sdxl.peak", "sdxl.estimate", "sdxl.estimate_ratio")),
     "train-cached": (
         section_train("cached"),
         60,

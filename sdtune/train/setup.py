@@ -33,7 +33,7 @@ from sdtune.models.families import FAMILIES, INPAINT_INPUTS, Family, detect_fami
 from sdtune.train.checkpoint import CHECKPOINTS_DIR
 from sdtune.train.objectives import compute_zero_terminal_snr
 from sdtune.train.outputs import check_output_dir
-from sdtune.train.parts import text_encoder_loras
+from sdtune.train.parts import lora_targets_of, text_encoder_loras
 
 
 def _loop_can_feed(family: Family) -> bool:
@@ -216,9 +216,10 @@ def add_lora_adapters(pipe, cfg: RunConfig, family: Family | None = None) -> lis
         check_targets_matched(
             encoder, te_targets, _part_label(part.part), TEXT_ENCODER_TARGET_PRESETS
         )
+        targets = lora_targets_of(encoder, te_targets, family, part.part)
         encoder.add_adapter(
             build_lora_config(
-                part.rank, part.alpha, lora.dropout, te_targets, lora.use_dora, lora.init
+                part.rank, part.alpha, lora.dropout, targets, lora.use_dora, lora.init
             )
         )
         groups.append({"params": _trainable(encoder), "lr": part.learning_rate})

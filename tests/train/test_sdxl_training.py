@@ -130,6 +130,39 @@ def test_diffusers_loads_every_trained_module_and_draws_the_in_memory_image(trai
     np.testing.assert_allclose(_image(fresh), expected, atol=1e-4)
 
 
+def test_every_saved_module_trained_and_the_kohya_file_is_written(trained):
+    """SDXL reads ViT-L's penultimate states, so its last layer would get no gradient: it has no
+    LoRA, every module in the file moved off zero, and the A1111/ComfyUI file passes its check."""
+    from safetensors.torch import load_file
+
+    result, _ = trained
+    state = load_file(str(result.adapter_path))
+    ups = {k: v for k, v in state.items() if "lora_B" in k}
+    assert ups and all(v.abs().sum() > 0 for v in ups.values()), [
+        k for k, v in ups.items() if v.abs().sum() == 0
+    ]
+    last = result.pipeline.text_encoder.config.num_hidden_layers - 1
+    te1 = {k for k in ups if k.startswith("text_encoder.")}
+    assert te1 and not [k for k in te1 if f".layers.{last}." in k]
+    assert [k for k in ups if k.startswith("text_encoder_2.") and f".layers.{last}." in k]
+    kohya = result.adapter_path.parent / f"{result.adapter_path.parent.name}.safetensors"
+    keys = load_file(str(kohya)).keys()
+    assert any(k.startswith("lora_te1_") for k in keys)
+    assert any(k.startswith("lora_te2_") for k in keys)
+
+
+def test_lora_targets_only_on_the_unread_last_layer_are_refused(tmp_path):
+    from sdtune.models.tiny import build_tiny_pipeline
+    from sdtune.train.setup import add_lora_adapters
+
+    pipe = build_tiny_pipeline("sdxl", seed=0)
+    last = pipe.text_encoder.config.num_hidden_layers - 1
+    spec = rf"re:.*layers\.{last}\.self_attn\.q_proj"
+    cfg = _config("unused", "unused", tmp_path, **{"lora.text_encoder_targets": spec})
+    with pytest.raises(SdtuneError, match=r"only the last layer of text_encoder.*penultimate"):
+        add_lora_adapters(pipe, cfg)
+
+
 def test_the_unet_sees_each_images_real_size_and_crop(trained):
     """Micro-conditioning: original (h, w) is the file's size, the target is the bucket the
     pixels were cut to, and the crop lies inside the resized image."""
@@ -228,3 +261,40 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(
     assert {k.split(".")[0] for k in first} == {"unet", "text_encoder", "text_encoder_2"}
     for key in first:
         assert torch.equal(first[key], second[key]), key
+
+
+def test_two_processes_match_one_with_the_same_effective_batch(
+    sdxl_dir, odd_images, tmp_path, train_in_two_processes
+):
+    """torchrun starts 2 CPU processes (gloo), each with half the batch: the adapter equals the
+    one-process run's, so each item's size and random crop reach the U-Net on whichever rank
+    draws it."""
+    from safetensors.torch import load_file
+
+    from sdtune.train.loop import train
+
+    plain = {
+        "data.bucketing": False,
+        "data.center_crop": False,
+        "data.shuffle_tags": False,
+        "data.tag_dropout": 0.0,
+        "train.ema_decay": 0.0,
+    }
+    single = train(
+        _config(sdxl_dir, odd_images, tmp_path / "one", **plain, **{"train.batch_size": 4})
+    )
+    cfg = _config(sdxl_dir, odd_images, tmp_path / "two", **plain, **{"train.batch_size": 2})
+    overrides = [
+        f"{section}.{key}={value}"
+        for section, values in vars(cfg).items()
+        for key, value in vars(values).items()
+        if value is not None
+    ]
+    stdout = train_in_two_processes(overrides)
+    assert "x 2 processes = 4" in stdout
+    first = load_file(str(single.adapter_path))
+    second = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
+    assert first.keys() == second.keys()
+    assert {k.split(".")[0] for k in first} == {"unet", "text_encoder", "text_encoder_2"}
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], atol=2e-5, rtol=1e-3)
