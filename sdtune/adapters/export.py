@@ -66,8 +66,9 @@ def modelspec_architecture(family) -> str:
 
 
 def modelspec_metadata(family, resolution, info: dict[str, str]) -> dict[str, str]:
-    """ModelSpec's required fields of a LoRA for `family` (what sd-scripts writes beside ss_*)."""
-    v = family.prediction_type == "v_prediction"
+    """ModelSpec's required fields of a LoRA for `family` (what sd-scripts writes beside ss_*);
+    the prediction type is the one the adapter was trained with, where its header says."""
+    v = info.get("prediction_type", family.prediction_type) == "v_prediction"
     trigger = info.get("trigger", "").strip('"')
     trigger = "" if trigger == "null" else trigger
     return {
@@ -219,6 +220,9 @@ def kohya_metadata(layers: dict[str, Layer], header: dict[str, str], family) -> 
         "ss_network_alpha": f"{alphas.most_common(1)[0][0]:g}",
         "ss_base_model_version": base_model_version(family),
         "ss_v2": str(family.sd_version == 2 and not family.is_xl),
+        "ss_v_parameterization": str(
+            info.get("prediction_type", family.prediction_type) == "v_prediction"
+        ),
         "ss_sd_model_name": info.get("base_model", family.name),
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_training_comment": f"exported by sdtune {__version__}",

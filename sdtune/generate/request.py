@@ -147,6 +147,14 @@ class GenerationRequest:
         "(default: as the adapter was trained)",
         section="sampling",
     )
+    # What the U-Net predicts. An adapter trained with train.prediction_type on a base of the
+    # other kind (SD 1.5 turned to v-prediction, say) samples only with its own.
+    prediction_type: str | None = option(
+        None,
+        "what the U-Net predicts (default: as the adapter was trained, else the model's own)",
+        ("epsilon", "v_prediction"),
+        section="sampling",
+    )
     guidance_rescale: float | None = option(
         None,
         "rescale guidance by this phi (default 0.7 with zero terminal SNR)",

@@ -73,6 +73,15 @@ def trained_zero_terminal_snr(adapters: list[tuple[str, float]]) -> bool:
     return False
 
 
+def trained_prediction_type(adapters: list[tuple[str, float]]) -> str | None:
+    """What the first sdtune adapter that says so was trained to predict, or None."""
+    for path, _ in adapters:
+        value = read_adapter_metadata(resolve_adapter_path(path)).get("prediction_type")
+        if value in ("epsilon", "v_prediction"):
+            return value
+    return None
+
+
 def _folder_family(model: str | None, family: str | None) -> str | None:
     """The given family, or a diffusers folder's (read from its configs alone), or None."""
     from sdtune.models.families import detect_family_from_folder
@@ -138,7 +147,9 @@ def generate(pipe: Any, request: GenerationRequest, refiner: Any = None) -> Gene
 
 def _with_sampler(pipe: Any, request: GenerationRequest) -> Any:
     """`pipe`, or a view of it with the request's scheduler and noise schedule."""
-    if request.scheduler is None and not request.zero_terminal_snr:
+    own = pipe.scheduler.config.get("prediction_type")
+    other_prediction = request.prediction_type not in (None, own)
+    if request.scheduler is None and not request.zero_terminal_snr and not other_prediction:
         return pipe
     from sdtune.generate.schedulers import set_scheduler, use_zero_terminal_snr
 
@@ -146,6 +157,11 @@ def _with_sampler(pipe: Any, request: GenerationRequest) -> Any:
     target.set_progress_bar_config(disable=True)
     if request.scheduler is not None:
         set_scheduler(target, request.scheduler)
+    if other_prediction:
+        config = target.scheduler.config
+        target.scheduler = type(target.scheduler).from_config(
+            config, prediction_type=request.prediction_type
+        )
     if request.zero_terminal_snr:
         use_zero_terminal_snr(target, request.scheduler)
     return target
@@ -264,8 +280,9 @@ def save_result(
 
 
 def _settings_from_adapters(req: GenerationRequest, adapters: list) -> GenerationRequest:
-    """Options left unset that the first adapter's training settles: the prompt length and
-    zero terminal SNR, so prompts and noise schedule match what the adapter learned."""
+    """Options left unset that the first adapter's training settles: the prompt length, what
+    the U-Net predicts and zero terminal SNR, so prompts, sampler and noise schedule match what
+    the adapter learned."""
     updates: dict[str, Any] = {}
     if req.max_token_length is None:
         updates["max_token_length"] = trained_max_token_length(adapters)
@@ -274,6 +291,8 @@ def _settings_from_adapters(req: GenerationRequest, adapters: list) -> Generatio
                 "prompts encoded in windows up to %d tokens, as the adapter was trained",
                 updates["max_token_length"],
             )
+    if req.prediction_type is None:
+        updates["prediction_type"] = trained_prediction_type(adapters)
     if req.zero_terminal_snr is None:
         updates["zero_terminal_snr"] = trained_zero_terminal_snr(adapters)
         if updates["zero_terminal_snr"]:

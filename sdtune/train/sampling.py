@@ -107,6 +107,7 @@ def _draw_sample(run, prompt: str):
         width=size,
         height=size,
         max_token_length=cfg.data.max_token_length,  # prompts encoded as captions were
+        prediction_type=run.objective.prediction_type,
         zero_terminal_snr=cfg.train.zero_terminal_snr,
     )
     if run.family.takes_inpaint_inputs:

@@ -28,7 +28,7 @@ FLAGS = {
     "--strength": 0.8, "--noise-level": 20, "--scheduler": None, "--snapshots": [],
     "--num-images": 1, "--steps": 25, "--guidance": 7.5, "--seed": 0, "--seeds": [],
     "--batch-size": None, "--width": None, "--height": None, "--out": "outputs/images",
-    "--max-token-length": None, "--zero-terminal-snr": None, "--guidance-rescale": None,
+    "--max-token-length": None, "--zero-terminal-snr": None, "--prediction-type": None, "--guidance-rescale": None,
     "--device": None, "--dtype": None, "--compile": False, "--cpu-offload": False,
     "--channels-last": False, "--refiner": None, "--refiner-start": 0.8,
 }  # fmt: skip
