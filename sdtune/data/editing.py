@@ -16,6 +16,7 @@ original image's pixels, computed by the same functions the training transform u
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -35,6 +36,7 @@ from sdtune.data.sources import (
     list_folder_images,
     scan_data_config,
     size_problem,
+    split_validation,
 )
 from sdtune.data.transforms import Fit, compute_bucket_fit, compute_square_fit
 from sdtune.errors import SdtuneError, quote, quote_path
@@ -85,6 +87,7 @@ class BucketBox:
     padded: bool  # part of the bucket is padding (data.pad)
     random_crop: bool  # the crop moves each epoch: `crop` is its size, shown at the centre
     source: int = 0  # position in data.sources
+    held_out: bool = False  # a validation image (data.validation_split): never trained on
 
 
 def list_dataset(
@@ -199,7 +202,7 @@ def rank_tags(view: DatasetView, separator: str = ",") -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda tag_count: (-tag_count[1], tag_count[0]))
 
 
-def bucket_plan(cfg: DataConfig, *, verify: bool = True) -> list[BucketBox]:
+def bucket_plan(cfg: DataConfig, *, verify: bool = True, seed: int = 0) -> list[BucketBox]:
     """For each usable image of a `DataConfig`, the size and region training gives it.
 
     Scans as training does: every image decoded once, so this costs what the scan before
@@ -207,23 +210,30 @@ def bucket_plan(cfg: DataConfig, *, verify: bool = True) -> list[BucketBox]:
     instead (as `list_dataset` does; far faster on photos, and the same sizes, but a file torn
     past its header is planned instead of skipped). Centre crops and padding are exact; a random
     crop moves each epoch, so its box is drawn at the centre and marked `random_crop`. Random
-    flips are not shown; held-out validation images (data.validation_split) are planned as
-    training images.
+    flips are not shown. With data.validation_split, the images training holds out (drawn with
+    `seed`, the run's train.seed) are marked `held_out`, with the centred square the validation
+    loss sees, and the buckets are those of the images that train.
     """
     d = cfg
     samples = _samples(d, verify)
+    training, held = split_validation(samples, d.validation_split, seed)
+    held_ids = {id(sample) for sample in held}
     roots = [Path(r) for r in [d.dir, *(s.dir for s in d.sources)] if r]
     mode = "pad" if d.pad else ("center" if d.center_crop else "random")
-    buckets = assign_sample_buckets(samples, d) if d.bucketing else [None] * len(samples)
+    buckets = assign_sample_buckets(training, d) if d.bucketing else [None] * len(training)
+    bucket_of = {id(sample): bucket for sample, bucket in zip(training, buckets, strict=True)}
     rng = random.Random(0)  # unused: every fit below is centred or padded
     plan = []
-    for sample, bucket in zip(samples, buckets, strict=True):
+    for sample in samples:
         size = sample.size or sample.load().size  # dataset rows carry no size from the scan
-        if bucket is None:
+        bucket = bucket_of.get(id(sample))
+        if bucket is None:  # the training square, or the validation loader's centred square
             fit = compute_square_fit(size, d.resolution, True, rng)
         else:
             fit = compute_bucket_fit(size, bucket, "center" if mode == "random" else mode, rng)
-        plan.append(_box(_shown_path(sample.image_path, roots), fit, mode == "random", sample))
+        moves = mode == "random" and id(sample) not in held_ids
+        box = _box(_shown_path(sample.image_path, roots), fit, moves, sample)
+        plan.append(dataclasses.replace(box, held_out=id(sample) in held_ids))
     return plan
 
 

@@ -8,6 +8,7 @@ lists (their sidecars are ignored), from sidecars for the others, else from the 
 from __future__ import annotations
 
 import os
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,4 +266,16 @@ def _raise_empty(root: Path, count: int, recursive: bool) -> None:
     raise SdtuneError(
         f"dataset folder '{root}' is empty: {found} "
         f"(looked for {', '.join(IMAGE_EXTENSIONS)}{', recursively' if recursive else ''})"
+    )
+
+
+def split_validation(samples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training samples, held-out samples): a seeded choice of at least one image if asked."""
+    if fraction <= 0 or len(samples) < 2:
+        return samples, []
+    count = min(len(samples) - 1, max(1, round(len(samples) * fraction)))
+    held = set(random.Random(seed).sample(range(len(samples)), count))
+    return (
+        [s for i, s in enumerate(samples) if i not in held],
+        [s for i, s in enumerate(samples) if i in held],
     )

@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from sdtune.config import RunConfig, config_to_dict
 from sdtune.data.cache import LatentCache, check_latents_finite
 from sdtune.data.prompts import Conditioning, compute_time_ids
+from sdtune.data.sources import split_validation
 from sdtune.data.text_cache import TextEmbeddingCache
 from sdtune.errors import SdtuneError, first_line
 from sdtune.models.components import Components
@@ -82,7 +83,6 @@ from sdtune.train.setup import (
 from sdtune.train.validation import (
     build_validation_loader,
     compute_validation_loss,
-    split_validation,
 )
 
 logger = logging.getLogger("sdtune.train")

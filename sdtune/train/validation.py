@@ -4,8 +4,6 @@ means the adapter memorises its images)."""
 
 from __future__ import annotations
 
-import random
-
 import torch
 from torch.utils.data import DataLoader
 
@@ -14,18 +12,6 @@ from sdtune.train.setup import make_collate
 
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fractions of the schedule, from light to heavy noise
 VALIDATION_DRAW_OFFSET = 1 << 41  # held-out items draw noise far from any training item
-
-
-def split_validation(samples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(training samples, held-out samples): a seeded choice of at least one image if asked."""
-    if fraction <= 0 or len(samples) < 2:
-        return samples, []
-    count = min(len(samples) - 1, max(1, round(len(samples) * fraction)))
-    held = set(random.Random(seed).sample(range(len(samples)), count))
-    return (
-        [s for i, s in enumerate(samples) if i not in held],
-        [s for i, s in enumerate(samples) if i in held],
-    )
 
 
 def build_validation_loader(samples: list, cfg, tokenizer) -> DataLoader:

@@ -118,6 +118,8 @@ def buckets(
     center_crop: bool = True,
     pad: bool = False,
     upscale: bool = False,
+    validation_split: float = 0.0,
+    seed: int = 0,
 ):
     from sdtune.config import DataConfig
     from sdtune.data.editing import bucket_plan
@@ -126,6 +128,8 @@ def buckets(
     folder = _dataset_dir(ws, dir)
     if resolution < 8 or resolution % 8 or resolution > 4096:
         raise SdtuneError(f"data.resolution must be a positive multiple of 8, got {resolution}")
+    if not 0 <= validation_split < 1:
+        raise SdtuneError(f"data.validation_split must be in [0, 1), got {validation_split}")
     cfg = DataConfig(
         dir=str(folder),
         resolution=resolution,
@@ -133,8 +137,9 @@ def buckets(
         center_crop=center_crop,
         pad=pad,
         upscale=upscale,
+        validation_split=validation_split,
     )
-    return [dataclasses.asdict(box) for box in bucket_plan(cfg)]  # paths relative to the folder
+    return [dataclasses.asdict(box) for box in bucket_plan(cfg, seed=seed)]  # paths relative to the folder
 
 
 @router.post("/dataset/autocaption")

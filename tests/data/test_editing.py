@@ -264,6 +264,37 @@ def test_the_crop_plan_remakes_the_pixels_training_sees(tmp_path, data):
     json.dumps([asdict(b) for b in plan])
 
 
+def test_held_out_images_are_marked_with_the_validation_square(tmp_path):
+    """data.validation_split: the plan marks the images the run holds out, gives them the
+    centred square the validation loss sees, and buckets the others as the training loader does."""
+    from sdtune.data.sources import split_validation
+    from sdtune.models.tokenizer import load_tokenizer
+    from sdtune.train.setup import build_dataloader
+    from sdtune.train.validation import build_validation_loader
+
+    for i, size in enumerate(SHAPES * 2):
+        _smooth(size, i).save(tmp_path / f"img{i}.png")
+    cfg = _run_config(tmp_path, bucketing=True, validation_split=0.3)
+    cfg.train.seed = 5
+    plan = {b.path: b for b in bucket_plan(cfg.data, seed=cfg.train.seed)}
+    training, held = split_validation(scan_image_folder(tmp_path).samples, 0.3, cfg.train.seed)
+    assert {p for p, b in plan.items() if b.held_out} == {s.image_path.name for s in held}
+    assert len(held) == 3
+    tokenizer = load_tokenizer(1)
+    loader, _ = build_dataloader(training, cfg, tokenizer)
+    for i, sample in enumerate(training):
+        box = plan[sample.image_path.name]
+        trained = loader.dataset.get(i)["pixel_values"]
+        assert trained.shape[1:] == (box.bucket[1], box.bucket[0])
+        assert (_rebuild(tmp_path / box.path, box) - trained).abs().max() <= TOLERANCE
+    validation = build_validation_loader(held, cfg, {"tokenizer": tokenizer})
+    for i, sample in enumerate(held):
+        box = plan[sample.image_path.name]
+        assert box.bucket == (128, 128) and not box.random_crop
+        seen = validation.dataset.get(i)["pixel_values"]
+        assert (_rebuild(tmp_path / box.path, box) - seen).abs().max() <= TOLERANCE
+
+
 def test_a_random_crop_is_marked_and_has_the_trained_size(tmp_path):
     for i, size in enumerate(SHAPES):
         _noise(size, i).save(tmp_path / f"img{i}.png")

@@ -5,8 +5,8 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sdtune.config import load_config
+from sdtune.data.sources import split_validation
 from sdtune.train.loop import train
-from sdtune.train.validation import split_validation
 
 
 def test_split_is_seeded_and_keeps_at_least_one_of_each():

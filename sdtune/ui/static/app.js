@@ -161,7 +161,7 @@ $("#ds-autocaption").addEventListener("click", guarded(async () => {
   followJob(out.job, $("#ds-job"), () => loadDataset(ds.dir));
 }));
 $("#ds-buckets").addEventListener("click", guarded(async () => {
-  const q = new URLSearchParams({ dir: ds.dir, resolution: $("#ds-res").value, bucketing: $("#ds-bucketing").checked, center_crop: $("#ds-center").checked });
+  const q = new URLSearchParams({ dir: ds.dir, resolution: $("#ds-res").value, bucketing: $("#ds-bucketing").checked, center_crop: $("#ds-center").checked, validation_split: $("#ds-held").value || 0 });
   const plan = await api("GET", `/api/dataset/buckets?${q}`);
   const sizes = {};
   for (const box of plan) {
@@ -174,7 +174,7 @@ $("#ds-buckets").addEventListener("click", guarded(async () => {
     const [x0, y0, x1, y1] = box.crop;
     inner.append(el("div", { class: "crop", title: `bucket ${label}`, style: `left:${100 * x0 / box.width}%;top:${100 * y0 / box.height}%;width:${100 * (x1 - x0) / box.width}%;height:${100 * (y1 - y0) / box.height}%` }));
     $(".name", card).querySelector(".bucket-label")?.remove();
-    $(".name", card).append(el("span", { class: "bucket-label" }, ` → ${label}${box.upscaled ? " (upscaled)" : ""}${box.random_crop ? " (random crop)" : ""}`));
+    $(".name", card).append(el("span", { class: "bucket-label" }, ` → ${label}${box.upscaled ? " (upscaled)" : ""}${box.random_crop ? " (random crop)" : ""}${box.held_out ? " (held out for validation)" : ""}`));
   }
   $("#ds-bucket-summary").textContent = Object.entries(sizes).map(([s, n]) => `${s}: ${n}`).join(", ");
 }));
