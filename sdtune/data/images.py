@@ -46,7 +46,8 @@ def probe_image(path: str | Path) -> tuple[int, int]:
     The checks `load_image` makes before decoding (empty file, unreadable header, too many
     pixels) fail here with the same reasons; a file whose pixel data is torn past its header
     passes here and fails only in `load_image`. Orientation comes from EXIF data stored before
-    the pixels (where cameras put it); a PNG's EXIF chunk after its pixels is not seen.
+    the pixels (where cameras put it), or from a PNG's EXIF chunk after them, found by skipping
+    over the pixel chunks rather than decoding them.
     """
     with _opened(Path(path)) as img:
         try:
@@ -54,8 +55,36 @@ def probe_image(path: str | Path) -> tuple[int, int]:
             orientation = Image.Image.getexif(img).get(ExifTags.Base.Orientation)
         except _DECODE_ERRORS:
             orientation = None
+        if orientation is None and img.format == "PNG":
+            orientation = _png_trailing_orientation(Path(path))
         width, height = img.size
     return (height, width) if orientation in _SWAPS_SIDES else (width, height)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_trailing_orientation(path: Path) -> int | None:
+    """The EXIF orientation of a PNG's eXIf chunk, read by walking the chunk headers (each
+    pixel chunk is skipped with a seek); None without one, or in a file that is not sound."""
+    try:
+        with path.open("rb") as f:
+            if f.read(8) != _PNG_SIGNATURE:
+                return None
+            while header := f.read(8):
+                if len(header) < 8:
+                    return None
+                length, kind = int.from_bytes(header[:4], "big"), header[4:]
+                if kind == b"eXIf":
+                    exif = Image.Exif()
+                    exif.load(f.read(length))
+                    return exif.get(ExifTags.Base.Orientation)
+                if kind == b"IEND":
+                    return None
+                f.seek(length + 4, 1)  # the chunk's data and its CRC
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return None
 
 
 _SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image a quarter

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.data.images import ImageDecodeError, load_image
+from sdtune.data.images import ImageDecodeError, load_image, probe_image
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -11,6 +11,32 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotated 90 degrees: viewers show it 20 wide, 40 tall
     img.save(tmp_path / "rot.jpg", exif=exif)
     assert load_image(tmp_path / "rot.jpg").size == (20, 40)
+
+
+def _png_with_exif_after_the_pixels(path, size, orientation):
+    """A PNG whose eXIf chunk comes after IDAT, as some phone and editor exports write it."""
+    import struct
+    import zlib
+
+    Image.new("RGB", size, "red").save(path)
+    data = path.read_bytes()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    body = exif.tobytes()
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body
+    chunk += struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    end = data.rindex(b"IEND") - 4  # IEND's length field
+    assert data.index(b"IDAT") < end
+    path.write_bytes(data[:end] + chunk + data[end:])
+
+
+def test_a_png_exif_after_the_pixels_turns_it_in_the_header_probe_too(tmp_path):
+    path = tmp_path / "late.png"
+    _png_with_exif_after_the_pixels(path, (40, 20), 6)
+    assert load_image(path).size == (20, 40)  # what training sees
+    assert probe_image(path) == (20, 40)  # what listings and the crop plan say, undecoded
+    Image.new("RGB", (40, 20)).save(tmp_path / "plain.png")
+    assert probe_image(tmp_path / "plain.png") == (40, 20)
 
 
 def test_alpha_is_composited_on_the_background(tmp_path):
