@@ -176,7 +176,14 @@ def diffusers_applied(path: Path, empty_pipe) -> tuple[dict[str, float], str]:
         with library_messages() as said:
             pipe.load_lora_weights(str(path), adapter_name="check", low_cpu_mem_usage=True)
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        return {}, f"refused the file: {str(exc).strip().splitlines()[0]}"
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        mismatch = next((line for line in lines if line.startswith("size mismatch")), None)
+        if mismatch:  # torch's first line only says that loading failed
+            return {}, (
+                f"refused the file: {mismatch[:300]} (the adapter was made for a model of "
+                "other sizes; check it against that model with --model)"
+            )
+        return {}, f"refused the file: {lines[0] if lines else type(exc).__name__}"
     scales = {}
     for part in formats.PARTS:
         model = getattr(pipe, part, None)
@@ -212,13 +219,15 @@ class _Records(logging.Handler):
 @contextlib.contextmanager
 def library_messages():
     """Collect every warning and every diffusers/peft/transformers log record at WARNING or
-    above while the block runs; the loggers' levels and handlers are put back after."""
+    above while the block runs, instead of printing them (the caller reports what matters);
+    the loggers' levels, handlers and propagation are put back after."""
     said = LibraryMessages()
     handler = _Records(said.logs)
     loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    levels = [lg.level for lg in loggers]
+    kept = [(lg.level, lg.handlers[:], lg.propagate) for lg in loggers]
     for lg in loggers:
-        lg.addHandler(handler)
+        lg.handlers = [handler]
+        lg.propagate = False
         lg.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -226,8 +235,9 @@ def library_messages():
             yield said
     finally:
         said.warnings.extend(caught)
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.removeHandler(handler)
+        for lg, (level, handlers, propagate) in zip(loggers, kept, strict=True):
+            lg.handlers = handlers
+            lg.propagate = propagate
             lg.setLevel(level)
 
 

@@ -41,7 +41,7 @@ MESSAGE_LIMIT = 500  # characters of an error line
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sdtune", description="LoRA fine-tuning for Stable Diffusion 1.x and 2.x."
+        prog="sdtune", description="LoRA fine-tuning for Stable Diffusion 1.x, 2.x and SDXL."
     )
     parser.add_argument("--version", action="version", version=f"sdtune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")

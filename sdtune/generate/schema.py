@@ -203,7 +203,8 @@ def check_value(opt: GenerationOption, value: Any) -> str | None:
     if value is None:
         return None
     choices, valid, check = opt.meta.get("choices"), opt.meta.get("valid"), opt.meta.get("check")
-    if choices and opt.kind == "int" and value not in choices:
+    # Text choices with a check of their own (scheduler aliases, modes) are left to the check.
+    if choices and (opt.kind == "int" or check is None) and value not in choices:
         return f"{opt.flag} must be {_join(choices)}, got {value}"
     if valid is not None:
         label = opt.meta.get("label") or opt.flag

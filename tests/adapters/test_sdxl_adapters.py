@@ -317,3 +317,28 @@ def test_merge_and_resize_write_sdxl_files_that_apply_the_same_change(adapted, t
     with safe_open(str(out), framework="pt") as f:
         assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
         assert {f.get_tensor(k).shape[0] for k in f.keys() if k.endswith("lora_down.weight")} == {2}
+
+
+def test_the_check_keeps_what_diffusers_says_to_itself(tmp_path):
+    """An adapter without a text_encoder_2 part: diffusers logs that it found no keys for it.
+    `sdtune check` collects that (its report is what the user reads) instead of printing it."""
+    import subprocess
+    import sys
+
+    pipe = build_tiny_pipeline("sdxl", seed=0)
+    pipe.save_pretrained(tmp_path / "base")
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]))
+    pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for part in ("unet", "text_encoder"):
+            for name, param in getattr(pipe, part).named_parameters():
+                if "lora_B" in name:
+                    param.fill_(0.1)
+    path = save_adapter(tmp_path / "lora", pipe.unet, pipe.text_encoder, {"family": "sdxl"})
+    cmd = [sys.executable, "-m", "sdtune.cli.main", "check", str(path)]
+    proc = subprocess.run(
+        [*cmd, "--model", str(tmp_path / "base")], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "every module loads in diffusers" in proc.stdout
+    assert "LoRA keys" not in proc.stdout + proc.stderr, proc.stderr

@@ -93,6 +93,7 @@ BAD = {
     "family": "sd9",
     "scheduler": "heun",
     "batch_size": "two",
+    "prediction_type": "v",
 }
 FLAG_OF = {e["name"]: e["flag"] for e in generation_form()}
 
@@ -103,6 +104,7 @@ def test_every_problem_is_reported_at_once():
     assert problems["stepz"] == "unknown generation option 'stepz'; did you mean 'steps'?"
     assert problems["strength"] == "--strength must be in (0, 1], got 1.5"
     assert problems["noise_level"] == "--noise-level must be in [0, 350], got 400"
+    assert problems["prediction_type"] == "--prediction-type must be epsilon or v_prediction, got v"
     assert all("\n" not in message for message in problems.values())
 
 
