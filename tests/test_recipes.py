@@ -109,3 +109,25 @@ def test_recipe_header_command_trains_a_tiny_model_of_its_family(
         assert (run / "samples" / "step000001-prompt0.png").is_file() == (every > 0)
     if cfg.data.class_dir:
         assert (tmp_path / "class" / "class-00000.png").is_file()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_sdtune_estimate_knows_each_recipes_family_before_any_download(recipe):
+    """`sdtune estimate recipes/X.yaml` needs the family alone; the hub id a recipe names is a
+    published base model, whose family sdtune knows without fetching its configs."""
+    from sdtune.train.estimate import resolve_family_name
+
+    cfg = load_config(recipe)
+    assert resolve_family_name(cfg) == FAMILY_OF_BASE[cfg.model.path]
+
+
+def test_the_estimate_the_sdxl_recipe_cites_is_what_sdtune_estimate_prints(capsys):
+    from sdtune.cli.main import main
+
+    recipe = next(r for r in RECIPES if r.stem == "sdxl-lora")
+    assert main(["estimate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    gib = float(total.split()[1])
+    assert gib < 10e9 / 2**30  # the 10 GB target of SDXL at 1024 px, batch 1
+    assert f"about {gib:.1f} GiB" in recipe.read_text(encoding="utf-8")

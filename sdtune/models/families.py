@@ -196,6 +196,33 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# The published base models of each family, by hub id (case as the hub spells them), so that
+# what needs only the family (`sdtune estimate`, say) works before anything is downloaded.
+KNOWN_HUB_MODELS: dict[str, str] = {
+    "CompVis/stable-diffusion-v1-4": "sd1",
+    "runwayml/stable-diffusion-v1-5": "sd1",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd1",
+    "runwayml/stable-diffusion-inpainting": "sd1-inpaint",
+    "stable-diffusion-v1-5/stable-diffusion-inpainting": "sd1-inpaint",
+    "stabilityai/stable-diffusion-2-base": "sd2-base",
+    "stabilityai/stable-diffusion-2-1-base": "sd2-base",
+    "stabilityai/stable-diffusion-2": "sd2-v",
+    "stabilityai/stable-diffusion-2-1": "sd2-v",
+    "stabilityai/stable-diffusion-2-inpainting": "sd2-inpaint",
+    "stabilityai/stable-diffusion-2-depth": "sd2-depth",
+    "stabilityai/stable-diffusion-x4-upscaler": "sd2-upscale",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "diffusers/stable-diffusion-xl-1.0-inpainting-0.1": "sdxl-inpaint",
+    "stabilityai/stable-diffusion-xl-refiner-1.0": "sdxl-refiner",
+}
+
+
+def known_hub_family(repo_id: str) -> str | None:
+    """The family of a published base model's hub id (any letter case), or None."""
+    lowered = {key.lower(): family for key, family in KNOWN_HUB_MODELS.items()}
+    return lowered.get(str(repo_id).strip().rstrip("/").lower())
+
+
 def get_family(name: str | Family) -> Family:
     """The family called `name`; a bad name is an error listing the valid ones."""
     if isinstance(name, Family):

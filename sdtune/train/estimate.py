@@ -221,8 +221,9 @@ def autocast_on_meta(models, dtype: torch.dtype, fp32_norms: bool = True):
 
 def resolve_family_name(cfg: RunConfig) -> str:
     """The run's model family from the config alone: model.family, or the folder's configs (a
-    local folder or a hub model already in the local cache), or a single file's header."""
-    from sdtune.models.families import FAMILIES, detect_family_from_folder
+    local folder or a hub model already in the local cache), or a single file's header, or the
+    family of a published base model's hub id."""
+    from sdtune.models.families import FAMILIES, detect_family_from_folder, known_hub_family
 
     if cfg.model.family:
         return cfg.model.family
@@ -239,6 +240,9 @@ def resolve_family_name(cfg: RunConfig) -> str:
     cached = _cached_hub_folder(cfg.model.path)
     if cached is not None:
         return detect_family_from_folder(cached).name
+    known = known_hub_family(cfg.model.path)
+    if known is not None:
+        return known
     raise SdtuneError(
         f"cannot tell the family of model.path '{cfg.model.path}' without loading it; "
         f"set model.family (one of {', '.join(FAMILIES)})"
