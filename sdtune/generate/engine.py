@@ -86,6 +86,7 @@ def _pipeline_kwargs(pipe: Any, req: GenerationRequest, seeds: list[int]) -> dic
         kwargs["width"], kwargs["height"] = req.image.size
     if is_xl_pipeline(pipe):  # both text encoders and the pooled embedding, as in training
         kwargs.update(xl_prompt_kwargs(pipe, req, n))
+        kwargs.update(xl_conditioning_kwargs(pipe, req))
         kwargs["prompt"] = kwargs["negative_prompt"] = None
     elif req.max_token_length > 75:  # long prompts: encoded in windows, the way training did
         from sdtune.data.prompts import encode_prompt_embeds
@@ -102,6 +103,23 @@ def is_xl_pipeline(pipe: Any) -> bool:
     from sdtune.models.families import detect_family
 
     return detect_family(pipe).is_xl
+
+
+def xl_conditioning_kwargs(pipe: Any, req: GenerationRequest) -> dict[str, Any]:
+    """SDXL's size and crop conditioning in diffusers' (height, width) and (top, left) order,
+    where the request gives them; and the aesthetic scores, for a pipeline that reads them (the
+    refiner's). Left out, diffusers uses the output's size, no crop, and scores 6 and 2.5."""
+    out: dict[str, Any] = {}
+    if req.original_size:
+        out["original_size"] = (req.original_size[1], req.original_size[0])
+    if req.target_size:
+        out["target_size"] = (req.target_size[1], req.target_size[0])
+    if req.crop_top_left:
+        out["crops_coords_top_left"] = (req.crop_top_left[1], req.crop_top_left[0])
+    if getattr(pipe.config, "requires_aesthetics_score", False):
+        out["aesthetic_score"] = req.aesthetic_score
+        out["negative_aesthetic_score"] = req.negative_aesthetic_score
+    return out
 
 
 def xl_prompt_kwargs(pipe: Any, req: GenerationRequest, n: int) -> dict[str, torch.Tensor]:

@@ -76,13 +76,18 @@ def run_two_stages(
     through both stages, so it depends on its seed alone."""
     import torch
 
-    from sdtune.generate.engine import takes_guidance_rescale, xl_prompt_kwargs
+    from sdtune.generate.engine import (
+        takes_guidance_rescale,
+        xl_conditioning_kwargs,
+        xl_prompt_kwargs,
+    )
 
     latents = base(**{**kwargs, "output_type": "latent", "denoising_end": req.refiner_start})
     second = refiner_pipeline(refiner, req.mode)
     n = len(kwargs["generator"])
     refine: dict[str, Any] = {
         **xl_prompt_kwargs(second, req, n),
+        **xl_conditioning_kwargs(second, req),
         "image": latents.images,
         "denoising_start": req.refiner_start,
         "num_inference_steps": req.steps,

@@ -45,6 +45,16 @@ def _check_file(value: Any, flag: str) -> None:
         raise SdtuneError(f"{flag} '{value}' does not exist")
 
 
+def _check_size_pair(value: list[int], flag: str) -> None:
+    if value and (len(value) != 2 or min(value) < 8):
+        raise SdtuneError(f"{flag} takes a width and a height in px, e.g. 1024,1024; got {value}")
+
+
+def _check_corner(value: list[int], flag: str) -> None:
+    if value and (len(value) != 2 or min(value) < 0):
+        raise SdtuneError(f"{flag} takes x and y in px from the top left, e.g. 0,0; got {value}")
+
+
 def _check_seed_count(value: list[int], flag: str) -> None:
     if len(value) > MAX_SEEDS:
         raise SdtuneError(f"give between 1 and {MAX_SEEDS} seeds, got {len(value)}")
@@ -168,6 +178,34 @@ class GenerationRequest:
         valid="(0, 1)",
         section="sampling",
     )
+    # SDXL's micro-conditioning (Podell et al. 2023): the sizes and crop the U-Net is told the
+    # image has, as training gave it each image's. Width first here; diffusers takes (h, w).
+    original_size: list[int] = option(
+        [],
+        "SDXL: the source size the image claims, W,H (default: the output's size)",
+        section="sdxl",
+        check=_check_size_pair,
+    )
+    target_size: list[int] = option(
+        [],
+        "SDXL: the size it is drawn for, W,H (default: the output's size)",
+        section="sdxl",
+        check=_check_size_pair,
+    )
+    crop_top_left: list[int] = option(
+        [],
+        "SDXL: the top-left corner of the crop it claims, X,Y (default 0,0: uncropped)",
+        section="sdxl",
+        check=_check_corner,
+    )
+    aesthetic_score: float = option(
+        6.0, "SDXL refiner: the aesthetic score it is conditioned on", valid="[0, 10]",
+        section="sdxl",
+    )  # fmt: skip
+    negative_aesthetic_score: float = option(
+        2.5, "SDXL refiner: the score guidance steers away from", valid="[0, 10]",
+        section="sdxl",
+    )  # fmt: skip
     snapshots: list[float] = option(
         [],
         "fractions of the run to save as a strip, e.g. 0.25,0.5,0.75",
@@ -243,12 +281,35 @@ def _resize_to_request(image: Any, req: GenerationRequest) -> Any:
     return image if image.size == size else image.resize(size)
 
 
+XL_CONDITIONING = (
+    "original_size",
+    "target_size",
+    "crop_top_left",
+    "aesthetic_score",
+    "negative_aesthetic_score",
+)
+
+
+def _default_of(name: str) -> Any:
+    from dataclasses import MISSING, fields
+
+    spec = next(f for f in fields(GenerationRequest) if f.name == name)
+    return spec.default_factory() if spec.default is MISSING else spec.default
+
+
 def prepare_request(req: GenerationRequest, family: str) -> GenerationRequest:
     """Check `req` against the model family and read its files; returns a ready copy."""
     check_numbers(req)
     req = resolve_request(req, family)
     mode = get_mode(req.mode)
     check_mode_fits(mode, family)
+    if not get_family(family).is_xl:
+        given = [n for n in XL_CONDITIONING if getattr(req, n) != _default_of(n)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise SdtuneError(
+                f"{flag} is SDXL micro-conditioning; family '{family}' has none (leave it out)"
+            )
     for name in mode.required:
         if getattr(req, name) is None:
             flag = name.replace("_", "-")

@@ -216,6 +216,11 @@ def build_generation_params(
         extra = {"Noise Schedule": "Zero Terminal SNR", "Timestep spacing": "trailing"}
     if result.guidance_rescale:
         extra["CFG Rescale"] = f"{result.guidance_rescale:g}"
+    for name, label in (("original_size", "Original size"), ("target_size", "Target size")):
+        if getattr(req, name):  # SDXL's size conditioning, where it is not the output's size
+            extra[label] = "x".join(map(str, getattr(req, name)))
+    if req.crop_top_left:
+        extra["Crop top left"] = ",".join(map(str, req.crop_top_left))
     if result.refiner_start is not None:
         extra["Refiner"] = str(refiner or "refiner")
         extra["Refiner switch at"] = f"{result.refiner_start:g}"

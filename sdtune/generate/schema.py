@@ -25,7 +25,7 @@ from sdtune.generate.modes import check_mode_fits, get_mode
 from sdtune.generate.request import DTYPE_NAMES, GenerationJob, GenerationRequest, SpeedOptions
 from sdtune.models.families import FAMILIES
 
-SECTIONS = ("prompt", "mode", "sampling", "model", "adapters", "output", "speed")
+SECTIONS = ("prompt", "mode", "sampling", "sdxl", "model", "adapters", "output", "speed")
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,8 @@ def buckets(
         upscale=upscale,
         validation_split=validation_split,
     )
-    return [dataclasses.asdict(box) for box in bucket_plan(cfg, seed=seed)]  # paths relative to the folder
+    plan = bucket_plan(cfg, seed=seed)  # paths relative to the folder
+    return [dataclasses.asdict(box) for box in plan]
 
 
 @router.post("/dataset/autocaption")

@@ -28,9 +28,11 @@ FLAGS = {
     "--strength": 0.8, "--noise-level": 20, "--scheduler": None, "--snapshots": [],
     "--num-images": 1, "--steps": 25, "--guidance": 7.5, "--seed": 0, "--seeds": [],
     "--batch-size": None, "--width": None, "--height": None, "--out": "outputs/images",
-    "--max-token-length": None, "--zero-terminal-snr": None, "--prediction-type": None, "--guidance-rescale": None,
-    "--device": None, "--dtype": None, "--compile": False, "--cpu-offload": False,
-    "--channels-last": False, "--refiner": None, "--refiner-start": 0.8,
+    "--max-token-length": None, "--zero-terminal-snr": None, "--guidance-rescale": None,
+    "--prediction-type": None, "--device": None, "--dtype": None, "--compile": False,
+    "--cpu-offload": False, "--channels-last": False, "--refiner": None, "--refiner-start": 0.8,
+    "--original-size": [], "--target-size": [], "--crop-top-left": [], "--aesthetic-score": 6.0,
+    "--negative-aesthetic-score": 2.5,
 }  # fmt: skip
 
 
@@ -67,7 +69,7 @@ def test_the_form_is_json_and_names_sections_types_and_ranges():
     ]
     assert "dpm++2m-karras" in entry["scheduler"]["choices"]
     assert {e["section"] for e in form} == {
-        "prompt", "mode", "sampling", "model", "adapters", "output", "speed",
+        "prompt", "mode", "sampling", "sdxl", "model", "adapters", "output", "speed",
     }  # fmt: skip
 
 

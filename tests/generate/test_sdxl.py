@@ -311,3 +311,51 @@ def test_command_draws_sdxl_with_a_refiner(xl_dir, refiner_dir, tmp_path, capsys
         "Refiner switch at": "0.75",
         "Generator": "sdtune",
     }
+
+
+def test_size_and_crop_conditioning_is_diffusers_own_in_its_order(tiny_pipe):
+    """--original-size W,H, --target-size W,H and --crop-top-left X,Y reach the U-Net as
+    diffusers' (height, width) and (top, left): the same image as diffusers given those."""
+    pipe = tiny_pipe("sdxl")
+    told = {"original_size": [96, 48], "target_size": [64, 32], "crop_top_left": [8, 16]}
+    ours = generate(pipe, _req(**told)).images[0]
+    theirs = pipe(
+        prompt=PROMPT,
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(5),
+        output_type="np",
+        original_size=(48, 96),
+        target_size=(32, 64),
+        crops_coords_top_left=(16, 8),
+    ).images[0]
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    plain = generate(pipe, _req()).images[0]
+    assert np.abs(ours - plain).max() > 1e-3  # the conditioning changes the image
+    req = _req(**told, output_type="pil")
+    params = build_generation_params(pipe, req, generate(pipe, req), "tiny", [], 0)
+    assert params.extra["Original size"] == "96x48" and params.extra["Target size"] == "64x32"
+    assert params.extra["Crop top left"] == "8,16"
+
+
+def test_the_refiner_takes_its_aesthetic_scores_as_diffusers_does(tiny_pipe):
+    base, refiner = tiny_pipe("sdxl"), tiny_pipe("sdxl-refiner")
+    req = _req(steps=4, refiner_start=0.5, aesthetic_score=3.0, negative_aesthetic_score=1.0)
+    ours = generate(base, req, refiner).images[0]
+    generator = torch.Generator().manual_seed(5)
+    common = {"num_inference_steps": 4, "guidance_scale": 7.5, "generator": generator}
+    latents = base(prompt=PROMPT, denoising_end=0.5, output_type="latent", **common).images
+    theirs = refiner(
+        prompt=PROMPT, image=latents, denoising_start=0.5, output_type="np",
+        aesthetic_score=3.0, negative_aesthetic_score=1.0, **common,
+    ).images[0]  # fmt: skip
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    default = generate(base, _req(steps=4, refiner_start=0.5), refiner).images[0]
+    assert np.abs(ours - default).max() > 1e-4
+
+
+def test_sdxl_conditioning_on_sd1_is_refused(tiny_pipe):
+    with pytest.raises(SdtuneError, match=r"--original-size is SDXL micro-conditioning.*'sd1'"):
+        generate(tiny_pipe("sd1"), _req(original_size=[512, 512]))
+    problems = check_generation_values({"prompt": "x", "target_size": "64"})
+    assert "--target-size takes a width and a height" in problems["target_size"]
