@@ -31,6 +31,7 @@ from sdtune.models.families import (
 )
 from sdtune.models.original_layout import (
     CHECKPOINT_SUFFIXES,
+    declares_zero_terminal_snr,
     detect_family_from_checkpoint,
     load_original_state_dict,
     read_checkpoint_info,
@@ -251,7 +252,21 @@ def _load_single_file(
                 "for a non-standard architecture"
             ) from exc
     _match_prediction_type(pipe, family)  # a v-prediction SDXL file, with SDXL's eps configs
+    if declares_zero_terminal_snr(read_checkpoint_info(path)):
+        _use_zero_terminal_snr_schedule(pipe)
     return pipe
+
+
+def _use_zero_terminal_snr_schedule(pipe: Any) -> None:
+    """The noise schedule a zero-terminal-SNR model was trained on: betas rescaled to SNR 0 at
+    the last step, timesteps spaced from it ("trailing"), as ComfyUI samples such a file."""
+    import inspect
+
+    scheduler = pipe.scheduler
+    if "rescale_betas_zero_snr" in inspect.signature(type(scheduler).__init__).parameters:
+        pipe.scheduler = type(scheduler).from_config(
+            scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+        )
 
 
 def _xl_encoders_look_alike(family: Family, config: Path, components: dict) -> bool:

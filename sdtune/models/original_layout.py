@@ -46,6 +46,13 @@ _XL_LABEL_EMB = ldm_keys.UNET_PREFIX + "label_emb.0.0.weight"
 _XL_REFINER_SHAPE = (1280, 2560)  # refiner U-Net-only files: context width, pooled + 5 time ids
 # ComfyUI's mark of a v-prediction SDXL checkpoint: an (empty) tensor named "v_pred".
 V_PRED_KEY = "v_pred"
+# ...and beside it, of one trained with zero terminal SNR (Lin et al. 2023): "ztsnr".
+ZTSNR_KEY = "ztsnr"
+
+
+def declares_zero_terminal_snr(info: CheckpointInfo) -> bool:
+    """Whether a v-prediction checkpoint carries ComfyUI's zero-terminal-SNR mark."""
+    return V_PRED_KEY in info.shapes and ZTSNR_KEY in info.shapes
 
 
 @dataclass
@@ -237,6 +244,8 @@ def _xl_text_to_original(pipe: Any, family: Family) -> dict[str, torch.Tensor]:
     state[prefix + _LOGIT_SCALE] = torch.tensor(math.log(100.0))
     if family.prediction_type == "v_prediction":
         state[V_PRED_KEY] = torch.zeros(0)
+        if pipe.scheduler.config.get("rescale_betas_zero_snr"):
+            state[ZTSNR_KEY] = torch.zeros(0)
     return state
 
 

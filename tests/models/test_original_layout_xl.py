@@ -146,6 +146,36 @@ def test_v_prediction_sdxl_is_marked_and_reloads_as_v(tiny_pipe, tmp_path):
     assert loaded.scheduler.config.prediction_type == "v_prediction"
 
 
+def test_a_zero_terminal_snr_mark_gives_the_schedule_it_was_trained_on(tiny_pipe, tmp_path):
+    """ComfyUI's "ztsnr" mark beside "v_pred" (v-prediction SDXL fine-tunes trained with zero
+    terminal SNR): written from a rescaled schedule; read back as the rescaled, trailing schedule
+    for sampling, and training's noise levels end at SNR 0."""
+    from sdtune.config import RunConfig
+    from sdtune.train.setup import build_objective
+
+    base = tiny_pipe("sdxl")
+    v = type(base.scheduler).from_config(base.scheduler.config, prediction_type="v_prediction")
+    type(base)(**{**base.components, "scheduler": v}).save_pretrained(tmp_path / "v-folder")
+    rescaled = type(v).from_config(v.config, rescale_betas_zero_snr=True)
+    pipe = type(base)(**{**base.components, "scheduler": rescaled})
+    file = _strip_header(
+        save_original_checkpoint(pipe, tmp_path / "tmp.safetensors"), tmp_path / "m.safetensors"
+    )
+    assert {"v_pred", "ztsnr"} <= set(read_checkpoint_info(file).shapes)
+    loaded = load_pipeline(file, config_dir=tmp_path / "v-folder")
+    config = loaded.scheduler.config
+    assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr
+    assert config.timestep_spacing == "trailing"
+    assert float(build_objective(RunConfig(), loaded.scheduler).alphas_cumprod[-1]) == 0.0
+    plain = save_original_checkpoint(
+        type(base)(**{**base.components, "scheduler": v}), tmp_path / "v.safetensors"
+    )
+    assert "ztsnr" not in read_checkpoint_info(plain).shapes
+    assert not load_pipeline(plain, config_dir=tmp_path / "v-folder").scheduler.config.get(
+        "rescale_betas_zero_snr"
+    )
+
+
 def test_a_family_that_contradicts_the_file_names_both(tiny_pipe, tmp_path):
     xl = save_original_checkpoint(tiny_pipe("sdxl"), tmp_path / "xl.safetensors")
     with pytest.raises(
