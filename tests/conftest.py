@@ -25,9 +25,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 @pytest.fixture
 def train_in_two_processes():
-    """Runs `sdtune train ITEMS...` in 2 CPU processes under torchrun (gloo); returns stdout."""
+    """Runs `sdtune train ITEMS...` in 2 CPU processes under torchrun (gloo); returns stdout.
+    Given a RunConfig instead of key=value items, passes every value it holds."""
 
-    def run(items: list[str]) -> str:
+    def run(cfg) -> str:
+        items = cfg if isinstance(cfg, list) else [
+            f"{section}.{key}={value}"
+            for section, values in vars(cfg).items()
+            for key, value in vars(values).items()
+            if value is not None
+        ]  # fmt: skip
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         cmd += ["--nproc_per_node", "2", "-m", "sdtune.cli.main", "train", *items]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -193,13 +193,7 @@ def test_two_processes_match_one_with_the_same_effective_batch(
         _config(tiny_sd1_dir, star_images, tmp_path / "one", **plain, **{"train.batch_size": 4})
     )
     cfg = _config(tiny_sd1_dir, star_images, tmp_path / "two", **plain, **{"train.batch_size": 2})
-    overrides = [
-        f"{section}.{key}={value}"
-        for section, values in vars(cfg).items()
-        for key, value in vars(values).items()
-        if value is not None
-    ]
-    stdout = train_in_two_processes(overrides)
+    stdout = train_in_two_processes(cfg)
     assert "x 2 processes = 4" in stdout  # both processes joined one run
     assert stdout.count("step 3/3") == 1  # only the main process reports
     first, second = (

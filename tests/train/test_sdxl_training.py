@@ -284,13 +284,7 @@ def test_two_processes_match_one_with_the_same_effective_batch(
         _config(sdxl_dir, odd_images, tmp_path / "one", **plain, **{"train.batch_size": 4})
     )
     cfg = _config(sdxl_dir, odd_images, tmp_path / "two", **plain, **{"train.batch_size": 2})
-    overrides = [
-        f"{section}.{key}={value}"
-        for section, values in vars(cfg).items()
-        for key, value in vars(values).items()
-        if value is not None
-    ]
-    stdout = train_in_two_processes(overrides)
+    stdout = train_in_two_processes(cfg)
     assert "x 2 processes = 4" in stdout
     first = load_file(str(single.adapter_path))
     second = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
