@@ -110,8 +110,11 @@ def _check_before_loading(job: GenerationJob, mode: str | None, model: str) -> N
             check_refiner_families(base, _folder_family(job.refiner, None))
 
 
-def load_refiner(model: str, speed: SpeedOptions | None = None) -> Any:
-    """An SDXL refiner pipeline, placed as `load_base` places the base."""
+def load_refiner(model: str, speed: SpeedOptions | None = None, base: Any = None) -> Any:
+    """An SDXL refiner pipeline, placed as `load_base` places the base. Parts with the same
+    weights as `base`'s (the published refiner's VAE and OpenCLIP bigG are the base's) are the
+    base's own modules, so they are held once (not with --cpu-offload, whose hooks are per
+    pipeline); a base part a live or fused adapter changed differs, and stays apart."""
     from sdtune.models.loading import load_pipeline
 
     speed = speed or SpeedOptions()
@@ -119,9 +122,34 @@ def load_refiner(model: str, speed: SpeedOptions | None = None) -> Any:
     dtype = pick_dtype(device, speed.dtype)
     pipe = load_pipeline(model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
+    if base is not None and not speed.cpu_offload:
+        pipe = _share_parts(pipe, base)
     place_pipeline(
         pipe, device, dtype, channels_last=speed.channels_last, cpu_offload=speed.cpu_offload
     )
+    return pipe
+
+
+def _share_parts(refiner: Any, base: Any) -> Any:
+    """`refiner` with each of its VAE and text_encoder_2 replaced by `base`'s where the two hold
+    the same tensors, compared in the refiner's precision (the base's VAE may have been kept in
+    fp32 where the refiner's was just loaded in fp16; placing it would upcast it too)."""
+    shared = {}
+    for part in ("vae", "text_encoder_2"):
+        mine, theirs = getattr(refiner, part, None), getattr(base, part, None)
+        if mine is None or theirs is None or type(mine) is not type(theirs):
+            continue
+        a, b = mine.state_dict(), theirs.state_dict()
+        if a.keys() == b.keys() and all(
+            a[k].shape == b[k].shape and torch.equal(a[k].cpu(), b[k].to(a[k].dtype).cpu())
+            for k in a
+        ):
+            shared[part] = theirs
+    if not shared:
+        return refiner
+    logger.info("the refiner uses the base's %s (the same weights)", " and ".join(shared))
+    pipe = type(refiner).from_pipe(refiner, **shared)  # keeps requires_aesthetics_score
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -329,6 +357,6 @@ def generate_to_folder(job: GenerationJob) -> list[Path]:
         from sdtune.generate.refiner import check_refiner_families
 
         check_refiner_families(family, None)
-    refiner = load_refiner(job.refiner, job.speed) if job.refiner is not None else None
+    refiner = load_refiner(job.refiner, job.speed, pipe) if job.refiner is not None else None
     result = generate(pipe, req, refiner)
     return save_result(pipe, req, result, job.out, str(model), adapters, job.refiner)

@@ -359,3 +359,24 @@ def test_sdxl_conditioning_on_sd1_is_refused(tiny_pipe):
         generate(tiny_pipe("sd1"), _req(original_size=[512, 512]))
     problems = check_generation_values({"prompt": "x", "target_size": "64"})
     assert "--target-size takes a width and a height" in problems["target_size"]
+
+
+def test_the_refiner_holds_the_bases_vae_and_bigg_once_and_draws_the_same(
+    xl_dir, refiner_dir, xl_lora
+):
+    """The published refiner's VAE and OpenCLIP bigG are the base's (so are the tiny ones):
+    loaded next to the base they are the base's modules, and the two-stage image is the one
+    drawn with separate copies. A base part an adapter changes is not shared."""
+    from sdtune.generate.run import load_base, load_refiner
+
+    base = load_base(str(xl_dir))
+    shared = load_refiner(str(refiner_dir), base=base)
+    assert shared.vae is base.vae and shared.text_encoder_2 is base.text_encoder_2
+    apart = load_refiner(str(refiner_dir))
+    req = _req(steps=4, refiner_start=0.6)
+    np.testing.assert_array_equal(
+        generate(base, req, shared).images[0], generate(base, req, apart).images[0]
+    )
+    adapted = load_base(str(xl_dir), adapters=[(str(xl_lora), 1.0)])  # LoRA on bigG too
+    refiner = load_refiner(str(refiner_dir), base=adapted)
+    assert refiner.vae is adapted.vae and refiner.text_encoder_2 is not adapted.text_encoder_2
