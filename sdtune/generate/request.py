@@ -55,6 +55,11 @@ def _check_corner(value: list[int], flag: str) -> None:
         raise SdtuneError(f"{flag} takes x and y in px from the top left, e.g. 0,0; got {value}")
 
 
+def _check_config_dir(value: str, flag: str) -> None:
+    if not (Path(value) / "model_index.json").is_file():
+        raise SdtuneError(f"{flag} '{value}' is not a diffusers folder (no model_index.json)")
+
+
 def _check_seed_count(value: list[int], flag: str) -> None:
     if len(value) > MAX_SEEDS:
         raise SdtuneError(f"give between 1 and {MAX_SEEDS} seeds, got {len(value)}")
@@ -389,6 +394,15 @@ class GenerationJob:
         None,
         "SDXL refiner model (folder, hub id or .safetensors) for a second stage",
         section="model",
+    )
+    # As model.config_dir in training: a single file whose architecture the shipped configs
+    # do not describe (a custom fine-tune, a tiny test model) loads with its own configs.
+    config_dir: str | None = option(
+        None,
+        "diffusers folder of the configs a single-file --model of a non-standard "
+        "architecture is loaded with",
+        section="model",
+        check=_check_config_dir,
     )
     lora: list[tuple[str, float]] = option(
         [],

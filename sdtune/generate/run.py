@@ -201,6 +201,7 @@ def load_base(
     adapters: list[tuple[str, float]] | None = None,
     fuse: bool = False,
     speed: SpeedOptions | None = None,
+    config_dir: str | None = None,
 ) -> Any:
     """The base pipeline with adapters loaded (live, or fused), placed for speed."""
     from sdtune.models.loading import load_pipeline
@@ -208,7 +209,7 @@ def load_base(
     speed = speed or SpeedOptions()
     device = pick_device(speed.device)
     dtype = pick_dtype(device, speed.dtype)
-    pipe = load_pipeline(model, family=family, torch_dtype=dtype)
+    pipe = load_pipeline(model, family=family, torch_dtype=dtype, config_dir=config_dir)
     pipe.set_progress_bar_config(disable=True)
     if speed.compile and adapters and not fuse:
         logger.info("--compile: fusing the adapters into the weights first")
@@ -350,7 +351,7 @@ def generate_to_folder(job: GenerationJob) -> list[Path]:
     req = _settings_from_adapters(job.request, adapters)
     model = job.model or base_model_of(adapters)
     _check_before_loading(job, req.mode, str(model))
-    pipe = load_base(model, job.family, adapters, job.fuse, job.speed)
+    pipe = load_base(model, job.family, adapters, job.fuse, job.speed, job.config_dir)
     family = detect_family(pipe).name
     req = resolve_request(req, family)
     if job.refiner is not None:  # before the refiner's weights load

@@ -247,9 +247,10 @@ def _load_single_file(
                 )
         except (ValueError, RuntimeError, KeyError) as exc:
             raise SdtuneError(
-                f"{path}: cannot load as '{family.name}' ({first_line(exc)}); "
-                "if the family is wrong, pass family=..., or config_dir=<diffusers folder> "
-                "for a non-standard architecture"
+                f"{path}: cannot load as '{family.name}' ({first_line(exc)}); if the family is "
+                "wrong, give the right one (model.family / --family); a non-standard "
+                "architecture loads with its diffusers config folder (model.config_dir / "
+                "--config-dir)"
             ) from exc
     _match_prediction_type(pipe, family)  # a v-prediction SDXL file, with SDXL's eps configs
     if declares_zero_terminal_snr(read_checkpoint_info(path)):

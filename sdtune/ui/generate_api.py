@@ -16,7 +16,7 @@ from sdtune.ui.recipes import is_hub_id
 
 router = APIRouter(prefix="/api")
 GENERATED_DIR = "generated"
-FILE_OPTIONS = ("image", "mask", "depth_map")
+FILE_OPTIONS = ("image", "mask", "depth_map", "config_dir")
 GALLERY_LIMIT = 200
 
 

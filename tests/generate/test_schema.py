@@ -32,7 +32,7 @@ FLAGS = {
     "--prediction-type": None, "--device": None, "--dtype": None, "--compile": False,
     "--cpu-offload": False, "--channels-last": False, "--refiner": None, "--refiner-start": 0.8,
     "--original-size": [], "--target-size": [], "--crop-top-left": [], "--aesthetic-score": 6.0,
-    "--negative-aesthetic-score": 2.5,
+    "--negative-aesthetic-score": 2.5, "--config-dir": None,
 }  # fmt: skip
 
 

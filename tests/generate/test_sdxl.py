@@ -380,3 +380,26 @@ def test_the_refiner_holds_the_bases_vae_and_bigg_once_and_draws_the_same(
     adapted = load_base(str(xl_dir), adapters=[(str(xl_lora), 1.0)])  # LoRA on bigG too
     refiner = load_refiner(str(refiner_dir), base=adapted)
     assert refiner.vae is adapted.vae and refiner.text_encoder_2 is not adapted.text_encoder_2
+
+
+def test_a_single_file_of_its_own_architecture_generates_with_config_dir(xl_dir, tmp_path):
+    """`sdtune generate --model FILE --config-dir FOLDER`: the folder's image; without the
+    folder, the error says which option to give."""
+    from sdtune.generate.run import load_base
+    from sdtune.models.original_layout import save_original_checkpoint
+
+    file = save_original_checkpoint(load_base(str(xl_dir)), tmp_path / "m.safetensors")
+    values = {"prompt": PROMPT, "steps": 2, "seed": 3, "width": 64, "height": 64}
+    folder = generate_to_folder(
+        build_generation_job({**values, "model": str(xl_dir), "out": str(tmp_path / "a")})
+    )
+    single = generate_to_folder(
+        build_generation_job(
+            {**values, "model": str(file), "config_dir": str(xl_dir), "out": str(tmp_path / "b")}
+        )
+    )
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(folder[0])), np.asarray(Image.open(single[0]))
+    )
+    with pytest.raises(SdtuneError, match=r"--config-dir"):
+        generate_to_folder(build_generation_job({**values, "model": str(file), "out": "c"}))

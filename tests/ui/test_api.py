@@ -126,6 +126,7 @@ def test_no_request_reads_or_writes_outside_the_workspace(client, outside):
         ),
         ("POST", "/api/generate", {"values": {"prompt": "x", "model": str(outside)}}),
         ("POST", "/api/generate", {"values": {"prompt": "x", "refiner": str(outside)}}),
+        ("POST", "/api/generate", {"values": {"prompt": "x", "config_dir": str(outside)}}),
     ]
     for method, path, data in attempts:
         if method == "GET":
