@@ -31,6 +31,7 @@ from sdtune.models.families import (
 )
 from sdtune.models.original_layout import (
     CHECKPOINT_SUFFIXES,
+    CheckpointInfo,
     declares_zero_terminal_snr,
     detect_family_from_checkpoint,
     load_original_state_dict,
@@ -202,9 +203,10 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
-def _single_file_family(path: Path, fam: Family | None, config_dir: Path | None) -> Family:
+def _single_file_family(
+    info: CheckpointInfo, fam: Family | None, config_dir: Path | None
+) -> Family:
     """The family to load a checkpoint as: the caller's (fit-checked), or detected."""
-    info = read_checkpoint_info(path)
     if fam is None and config_dir is not None:
         fam = detect_family_from_folder(config_dir)  # its scheduler settles eps vs v
     if fam is None:
@@ -212,7 +214,7 @@ def _single_file_family(path: Path, fam: Family | None, config_dir: Path | None)
     with warnings.catch_warnings():  # the eps/v guess is moot: the caller has settled it
         warnings.simplefilter("ignore")
         detected = detect_family_from_checkpoint(info)
-    return _resolve_family(fam, detected, path)
+    return _resolve_family(fam, detected, info.path)
 
 
 def _load_single_file(
@@ -222,7 +224,8 @@ def _load_single_file(
     config_dir: Path | None,
     components: dict | None,
 ) -> Any:
-    family = _single_file_family(path, fam, config_dir)
+    info = read_checkpoint_info(path)  # keys, shapes and header; read once
+    family = _single_file_family(info, fam, config_dir)
     if config_dir is not None and not (config_dir / "model_index.json").is_file():
         raise SdtuneError(f"config_dir {config_dir} has no model_index.json")
     components = dict(components or {})
@@ -253,7 +256,7 @@ def _load_single_file(
                 "--config-dir)"
             ) from exc
     _match_prediction_type(pipe, family)  # a v-prediction SDXL file, with SDXL's eps configs
-    if declares_zero_terminal_snr(read_checkpoint_info(path)):
+    if declares_zero_terminal_snr(info):
         _use_zero_terminal_snr_schedule(pipe)
     return pipe
 
