@@ -64,22 +64,23 @@ def trained_max_token_length(adapters: list[tuple[str, float]]) -> int:
     return 75
 
 
+def _first_said(adapters: list[tuple[str, float]], key: str, values: tuple[str, ...]):
+    """The first of `values` an sdtune adapter's header gives for `key`, or None."""
+    for path, _ in adapters:
+        value = read_adapter_metadata(resolve_adapter_path(path)).get(key)
+        if value in values:
+            return value
+    return None
+
+
 def trained_zero_terminal_snr(adapters: list[tuple[str, float]]) -> bool:
     """Whether the first sdtune adapter that says so was trained with zero terminal SNR."""
-    for path, _ in adapters:
-        value = read_adapter_metadata(resolve_adapter_path(path)).get("zero_terminal_snr")
-        if value is not None:
-            return value == "true"
-    return False
+    return _first_said(adapters, "zero_terminal_snr", ("true", "false")) == "true"
 
 
 def trained_prediction_type(adapters: list[tuple[str, float]]) -> str | None:
     """What the first sdtune adapter that says so was trained to predict, or None."""
-    for path, _ in adapters:
-        value = read_adapter_metadata(resolve_adapter_path(path)).get("prediction_type")
-        if value in ("epsilon", "v_prediction"):
-            return value
-    return None
+    return _first_said(adapters, "prediction_type", ("epsilon", "v_prediction"))
 
 
 def _folder_family(model: str | None, family: str | None) -> str | None:
